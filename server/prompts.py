@@ -1,0 +1,81 @@
+"""From an OpenAI request to what the engine needs: prompt tokens, limits, sampling."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from server.errors import APIError
+from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from verifier.chat_template import ChatTemplateError
+from verifier.sampling import SamplingParams
+from verifier.target import Target
+
+
+def chat_prompt_tokens(target: Target, request: ChatCompletionRequest) -> list[int]:
+    if target.chat_template is None:
+        raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
+                for m in request.messages]
+    try:
+        text = target.chat_template.render(messages, add_generation_prompt=True)
+    except ChatTemplateError as error:
+        raise APIError(400, f"the chat template rejected the messages: {error}", "messages")
+    tokenizer = target.tokenizer
+    # BOS as the metadata says, unless the template already wrote it.
+    bos_text = target.chat_template.bos_token
+    add_bos = tokenizer.adds_bos and not (bos_text and text.startswith(bos_text))
+    return tokenizer.encode(text, add_bos=add_bos, parse_special=True)
+
+
+def completion_prompt_tokens(target: Target, request: CompletionRequest) -> list[int]:
+    tokenizer = target.tokenizer
+    if isinstance(request.prompt, str):
+        tokens = tokenizer.encode(request.prompt, add_bos=tokenizer.adds_bos, parse_special=True)
+    else:
+        tokens = list(request.prompt)
+        bad = [t for t in tokens if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
+                                f"(0..{tokenizer.vocab_size - 1})", "prompt")
+    if not tokens:
+        raise APIError(400, "prompt: the prompt is empty", "prompt")
+    return tokens
+
+
+def completion_budget(num_prompt_tokens: int, requested: Optional[int], ctx_size: int,
+                      param: str) -> int:
+    """Tokens the completion may have; 400 `context_length_exceeded` when it cannot fit."""
+    available = ctx_size - num_prompt_tokens
+    if available < 1 or (requested is not None and requested > available):
+        asked = f" plus {requested} completion tokens" if requested is not None else ""
+        raise APIError(
+            400,
+            f"this model's context is {ctx_size} tokens; the prompt has {num_prompt_tokens}"
+            f" tokens{asked}. Shorten the prompt or lower {param}.",
+            param="messages" if requested is None else param,
+            code="context_length_exceeded",
+        )
+    return available if requested is None else requested
+
+
+def sampling_params(request: SamplingFields, vocab_size: int) -> SamplingParams:
+    logit_bias: dict[int, float] = {}
+    for key, bias in (request.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token < vocab_size:
+            raise APIError(400, f"logit_bias: '{key}' is not a token id in 0..{vocab_size - 1}",
+                           "logit_bias")
+        logit_bias[token] = bias
+    return SamplingParams(
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=max(request.top_k, 0),
+        min_p=request.min_p,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        logit_bias=logit_bias,
+        seed=request.seed,
+    )

@@ -1,0 +1,75 @@
+"""Response bodies and stream chunks for chat.completion and text_completion."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from server.sequence import Usage
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    kind: Literal["chat", "text"]
+    model: str
+    include_usage: bool = False  # streams only: a final usage chunk, `usage: null` elsewhere
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            prefix = "chatcmpl-" if self.kind == "chat" else "cmpl-"
+            object.__setattr__(self, "id", prefix + uuid.uuid4().hex[:24])
+
+    @property
+    def _object(self) -> str:
+        return "chat.completion" if self.kind == "chat" else "text_completion"
+
+    def _envelope(self, object_name: str, choices: list) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created,
+                "model": self.model, "choices": choices}
+
+    def full(self, text: str, finish_reason: str, usage: Usage) -> dict:
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+        body = self._envelope(self._object, [choice])
+        body["usage"] = usage.as_dict()
+        return body
+
+    def chunk(self, text: str, finish_reason: Optional[str] = None,
+              is_first: bool = False) -> str:
+        if self.kind == "chat":
+            if finish_reason is not None:
+                delta: dict = {}
+            elif is_first:
+                delta = {"role": "assistant", "content": text}
+            else:
+                delta = {"content": text}
+            choice = {"index": 0, "delta": delta, "logprobs": None,
+                      "finish_reason": finish_reason}
+            body = self._envelope("chat.completion.chunk", [choice])
+        else:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+            body = self._envelope("text_completion", [choice])
+        if self.include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    def usage_chunk(self, usage: Usage) -> str:
+        object_name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        body = self._envelope(object_name, [])
+        body["usage"] = usage.as_dict()
+        return sse(body)
+
+
+def sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

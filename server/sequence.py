@@ -1,0 +1,113 @@
+"""One request's generation state, owned by the engine thread.
+
+Vocabulary: the *root* of a step is the last token the target chose (already emitted, not
+yet in the KV cache); *drafted* tokens are proposed on top of it; *accepted* drafted tokens
+are those the target agreed with; the *bonus* token is the target's own choice after the
+last accepted one. Each step emits accepted + bonus, and the bonus becomes the next root.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from server.stops import StopMatcher
+from verifier.sampling import SamplingParams
+from verifier.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class SequenceEvent:
+    """What the engine hands to the HTTP side: new text, and on the last event the end."""
+
+    text: str = ""
+    finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error"
+    usage: Optional[Usage] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class Sequence:
+    prompt_tokens: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop: list[str]
+    sink: Callable[[SequenceEvent], None]  # called on the engine thread; must not block
+    request_id: str = ""
+
+    slot: Optional[int] = None
+    root_token: Optional[int] = None  # chosen and emitted, not yet in the target's KV
+    output_tokens: list[int] = field(default_factory=list)
+    token_counts: Counter = field(default_factory=Counter)
+    finish_reason: Optional[str] = None
+    num_verify_steps: int = 0
+    submitted_at: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.params.seed)
+        self._detokenizer: Optional[IncrementalDetokenizer] = None
+        self._stops = StopMatcher(self.stop)
+        self._pending_text: list[str] = []
+        self._error: Optional[str] = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add_token(self, token: int, tokenizer: Tokenizer) -> None:
+        """Record one token chosen by the target; decides whether the sequence ends."""
+        if tokenizer.is_end_of_generation(token):
+            self._finish("stop")
+            return
+        if self._detokenizer is None:
+            self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self.output_tokens.append(token)
+        self.token_counts[token] += 1
+        text, hit_stop = self._stops.push(self._detokenizer.push(token))
+        self._pending_text.append(text)
+        if hit_stop:
+            self.finish_reason = "stop"
+        elif len(self.output_tokens) >= self.max_new_tokens:
+            self._finish("length")
+
+    def finish(self, reason: str) -> None:
+        self._finish(reason)
+
+    def fail(self, message: str) -> None:
+        self._error = message
+        self._finish("error")
+
+    def _finish(self, reason: str) -> None:
+        if self._detokenizer is not None:
+            text, hit_stop = self._stops.push(self._detokenizer.flush())
+            self._pending_text.append(text if hit_stop else text + self._stops.flush())
+        self.finish_reason = reason
+
+    def take_event(self) -> Optional[SequenceEvent]:
+        """The text produced since the last event (and the end, if reached), or None."""
+        text = "".join(self._pending_text)
+        self._pending_text.clear()
+        if not self.is_finished:
+            return SequenceEvent(text=text) if text else None
+        usage = Usage(len(self.prompt_tokens), len(self.output_tokens))
+        return SequenceEvent(text=text, finish_reason=self.finish_reason, usage=usage,
+                             error=self._error)

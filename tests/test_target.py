@@ -1,0 +1,185 @@
+"""The verifier's operations on the real default model (Q4_1) and its F16 copy."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+CHAT = "<|im_start|>user\nWrite a short story about a robot who learns to paint.<|im_end|>\n" \
+       "<|im_start|>assistant\n"
+
+
+def prompt_tokens(target):
+    return target.tokenizer.encode(CHAT)
+
+
+def greedy_reference(target, prompt, num_tokens):
+    """Plain one-token-at-a-time greedy decoding; returns the tokens after the prompt."""
+    slot = target.acquire_slot()
+    try:
+        token = int(np.argmax(target.prefill(slot, prompt).last_logits))
+        tokens = [token]
+        for _ in range(num_tokens - 1):
+            output = target.decode(slot, token)
+            target.commit(slot, [0])
+            token = int(np.argmax(output.logits[0]))
+            tokens.append(token)
+        return tokens
+    finally:
+        target.release_slot(slot)
+
+
+def sequential_logits(target, prompt, path_tokens):
+    """Logits after each token of `path_tokens`, decoded one at a time after the prompt."""
+    slot = target.acquire_slot()
+    try:
+        target.prefill(slot, prompt)
+        rows = []
+        for token in path_tokens:
+            rows.append(target.decode(slot, token).logits[0])
+            target.commit(slot, [0])
+        return np.stack(rows)
+    finally:
+        target.release_slot(slot)
+
+
+def path_to(parents, node):
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]
+
+
+def sample_tree(reference):
+    """A tree rooted at reference[0]: the true continuation down one branch, other branches
+    of plausible-but-wrong tokens, including a wrong branch that is the tree's first leaf."""
+    r = reference
+    tokens = [r[0], 1000, r[1], 2000, r[2], 3000, r[3], r[4], 4000, 5000]
+    parents = [-1, 0, 0, 1, 2, 2, 4, 6, 6, 3]
+    return tokens, parents
+
+
+@pytest.mark.parametrize("model", ["f16", "q4"])
+def test_tree_argmax_equals_sequential_decoding(model, f16_target, q4_target):
+    target = f16_target if model == "f16" else q4_target
+    prompt = prompt_tokens(target)
+    reference = greedy_reference(target, prompt, 6)
+    tokens, parents = sample_tree(reference)
+
+    slot = target.acquire_slot()
+    target.prefill(slot, prompt)
+    tree = target.verify_tree(slot, tokens, parents)
+    target.commit(slot, [0])
+    target.release_slot(slot)
+    assert tree.logits.shape == (len(tokens), target.vocab_size)
+    assert tree.features.shape == (len(tokens), target.hidden_size)
+
+    for node in range(len(tokens)):
+        expected = sequential_logits(target, prompt, [tokens[i] for i in path_to(parents, node)])[-1]
+        if model == "f16":
+            assert int(np.argmax(tree.logits[node])) == int(np.argmax(expected)), node
+            np.testing.assert_allclose(tree.logits[node], expected, atol=0.1)
+        else:
+            # Q4_1: batched and one-token kernels round differently (docs/llama-cpp.md);
+            # the argmax must agree wherever the top two are not a near-tie.
+            top2 = np.sort(expected)[-2:]
+            if top2[1] - top2[0] > 1.0:
+                assert int(np.argmax(tree.logits[node])) == int(np.argmax(expected)), node
+            assert np.abs(tree.logits[node] - expected).max() < 2.0
+
+
+def output_weight(path):
+    reader = gguf.GGUFReader(path)
+    names = {tensor.name: tensor for tensor in reader.tensors}
+    tensor = names.get("output.weight", names["token_embd.weight"])  # tied embeddings
+    return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+
+
+@pytest.mark.parametrize("model,tolerance", [("f16", 0.05), ("q4", 0.6)])
+def test_features_times_output_weight_are_the_logits(model, tolerance, f16_target, q4_target,
+                                                     f16_model, default_model):
+    target = f16_target if model == "f16" else q4_target
+    weight = output_weight(f16_model if model == "f16" else default_model)  # [vocab, hidden]
+    assert weight.shape == (target.vocab_size, target.hidden_size)
+    slot = target.acquire_slot()
+    prompt = prompt_tokens(target)
+    prefill = target.prefill(slot, prompt)
+    token = int(np.argmax(prefill.last_logits))
+    step = target.decode(slot, token)
+    target.commit(slot, [0])
+    target.release_slot(slot)
+
+    assert prefill.features.shape == (len(prompt), target.hidden_size)
+    np.testing.assert_allclose(prefill.features[-1] @ weight.T, prefill.last_logits, atol=tolerance)
+    np.testing.assert_allclose(step.features[0] @ weight.T, step.logits[0], atol=tolerance)
+    assert int(np.argmax(step.features[0] @ weight.T)) == int(np.argmax(step.logits[0]))
+
+
+def test_verify_commit_continue_equals_never_drafting(f16_target):
+    """Draft trees around the true continuation, accept the longest greedy path, commit,
+    continue: the tokens equal plain greedy decoding (F16: exactly)."""
+    target = f16_target
+    prompt = prompt_tokens(target)
+    reference = greedy_reference(target, prompt, 60)
+
+    slot = target.acquire_slot()
+    root = int(np.argmax(target.prefill(slot, prompt).last_logits))
+    produced = [root]
+    rng = np.random.default_rng(0)
+    step = 0
+    while len(produced) < len(reference):
+        step += 1
+        # Up to 3 correct tokens on a branch that is not the first leaf, wrong siblings.
+        upcoming = reference[len(produced): len(produced) + int(rng.integers(0, 4))]
+        tokens, parents = [root, 17 + step], [-1, 0]
+        for i, token in enumerate(upcoming):
+            tokens.append(token)
+            parents.append(0 if i == 0 else len(tokens) - 2)
+            tokens.append(30000 + step)  # a wrong sibling
+            parents.append(parents[-1])
+        output = target.verify_tree(slot, tokens, parents)
+
+        # greedy acceptance: follow children whose token is the argmax of the parent's row
+        path = [0]
+        while True:
+            choice = int(np.argmax(output.logits[path[-1]]))
+            child = next((i for i, p in enumerate(parents) if p == path[-1] and tokens[i] == choice),
+                         None)
+            if child is None:
+                break
+            path.append(child)
+        target.commit(slot, path)
+        bonus = int(np.argmax(output.logits[path[-1]]))
+        produced += [tokens[i] for i in path[1:]] + [bonus]
+        root = bonus
+
+        positions = target.sequence_positions(slot)
+        assert positions[0] == (0, len(prompt) + len(produced) - 2)
+        assert all(pair == (-1, -1) for pair in positions[1:])
+    target.release_slot(slot)
+    assert produced[: len(reference)] == reference
+    assert all(pair == (-1, -1) for pair in target.sequence_positions(slot))
+
+
+def test_tree_validation_and_slot_bookkeeping(q4_target):
+    target = q4_target
+    slot = target.acquire_slot()
+    with pytest.raises(RuntimeError):
+        target.commit(slot, [0])  # nothing verified yet
+    target.prefill(slot, prompt_tokens(target))
+    with pytest.raises(ValueError):
+        target.verify_tree(slot, [1, 2], [-1, 1])  # a node cannot be its own parent
+    with pytest.raises(ValueError):
+        target.verify_tree(slot, [1, 2], [0, -1])  # node 0 must be the root
+    target.verify_tree(slot, [1, 2, 3], [-1, 0, 0])
+    with pytest.raises(ValueError):
+        target.commit(slot, [0, 2, 1])  # not a root-to-node path
+    with pytest.raises(RuntimeError):
+        target.verify_tree(slot, [1], [-1])  # commit must come first
+    target.commit(slot, [0, 2])
+    assert target.num_cached(slot) == len(prompt_tokens(target)) + 2
+    free_before = target.num_free_slots
+    target.release_slot(slot)
+    assert target.num_free_slots == free_before + 1

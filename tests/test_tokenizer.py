@@ -1,0 +1,77 @@
+"""Tokenizer, incremental detokenizer and chat template of the real default model."""
+
+from __future__ import annotations
+
+import pytest
+
+from verifier.chat_template import ChatTemplateError
+from verifier.tokenizer import IncrementalDetokenizer
+
+MULTIBYTE = "Llamas 🦙 and the moon 月 — naïve café"
+
+
+def test_encode_decode_round_trip(q4_target):
+    tokenizer = q4_target.tokenizer
+    tokens = tokenizer.encode(MULTIBYTE)
+    assert tokenizer.decode(tokens) == MULTIBYTE
+
+
+def test_multibyte_characters_split_across_tokens_are_never_emitted_broken(q4_target):
+    tokenizer = q4_target.tokenizer
+    tokens = tokenizer.encode(MULTIBYTE)
+    pieces = [tokenizer.token_bytes(token) for token in tokens]
+
+    def is_valid(data: bytes) -> bool:
+        try:
+            data.decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    # the premise: some character really is split across byte-level tokens
+    assert not all(is_valid(piece) for piece in pieces)
+
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    emitted = [detokenizer.push(token) for token in tokens]
+    emitted.append(detokenizer.flush())
+    assert "".join(emitted) == MULTIBYTE
+    assert all("\ufffd" not in text for text in emitted)
+
+
+def test_incomplete_character_at_the_end_becomes_a_replacement(q4_target):
+    tokenizer = q4_target.tokenizer
+    tokens = tokenizer.encode("🦙")
+    assert len(tokens) > 1
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    assert detokenizer.push(tokens[0]) == ""
+    assert detokenizer.flush() == "\ufffd"
+
+
+def test_control_tokens_render_as_nothing_in_output(q4_target):
+    tokenizer = q4_target.tokenizer
+    end = tokenizer.encode("<|im_end|>", parse_special=True)
+    assert len(end) == 1 and tokenizer.is_end_of_generation(end[0])
+    assert tokenizer.token_bytes(end[0]) == b""
+    assert tokenizer.token_text(end[0]) == "<|im_end|>"
+    # without parse_special the same text is ordinary characters
+    assert len(tokenizer.encode("<|im_end|>", parse_special=False)) > 1
+
+
+def test_chat_template_from_metadata(q4_target):
+    template = q4_target.chat_template
+    text = template.render([{"role": "system", "content": "Be brief."},
+                            {"role": "user", "content": "Hi"}])
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    no_prompt = template.render([{"role": "user", "content": "Hi"}], add_generation_prompt=False)
+    assert not no_prompt.endswith("<|im_start|>assistant\n")
+    # the template's default system message appears when none is given
+    assert "SmolLM" in no_prompt
+
+
+def test_chat_template_errors_are_reported(q4_target):
+    from verifier.chat_template import ChatTemplate
+
+    strict = ChatTemplate("{{ raise_exception('roles must alternate') }}", "", "")
+    with pytest.raises(ChatTemplateError, match="alternate"):
+        strict.render([{"role": "user", "content": "x"}])

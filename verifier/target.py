@@ -1,0 +1,364 @@
+"""The CPU target on llama.cpp's low-level API: prefill, verify a token tree, commit.
+
+One llama.cpp context serves every request. Its KV cache is *unified* (one pool of cells
+shared by all sequence ids), which is what lets a single decode verify a tree: each
+root→leaf branch is its own sequence id and a node carries the ids of every branch through
+it, so each node attends exactly to the committed prefix plus its own ancestors.
+
+Sequence ids: slot s owns ids [s·B, (s+1)·B) with B = max_tree_branches. Id s·B (the slot's
+*base* sequence) holds the committed tokens; the others are scratch branches that exist only
+between `verify_tree` and `commit`.
+
+The context is created with embeddings on, so every decoded token yields both its logits
+and its post-final-norm hidden state (the feature the draft model reads).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import llama_cpp
+import numpy as np
+
+from verifier.chat_template import ChatTemplate
+from verifier.tokenizer import Tokenizer
+
+_backend_ready = False
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    model_path: Path
+    num_slots: int = 4  # requests that can hold KV at the same time
+    ctx_size: int = 4096  # per slot: prompt + completion tokens
+    max_tree_nodes: int = 64  # tokens verified in one decode, root included
+    max_tree_branches: int = 16  # leaves of one verified tree
+    batch_size: int = 512  # prompt tokens per llama.cpp decode
+    num_threads: int = 1
+    # llama.cpp's flash attention kernel rounds differently from the default one; off by
+    # default so that greedy output equals llama-cpp-python's (which also leaves it off).
+    flash_attn: bool = False
+
+
+@dataclass(frozen=True)
+class PrefillOutput:
+    last_logits: np.ndarray  # [vocab] float32: predicts the first new token
+    features: np.ndarray  # [num_prompt_tokens, hidden] float32, post-final-norm
+
+
+@dataclass(frozen=True)
+class TreeOutput:
+    logits: np.ndarray  # [num_nodes, vocab] float32: row i predicts the token after node i
+    features: np.ndarray  # [num_nodes, hidden] float32
+
+
+@dataclass
+class _Slot:
+    num_cached: int = 0  # committed tokens in the base sequence (positions 0..num_cached-1)
+    # Between verify_tree and commit: for each node, the index of one leaf whose branch
+    # contains it, and the number of leaves.
+    node_leaf: Optional[list[int]] = None
+    parents: Optional[list[int]] = None
+    num_leaves: int = 0
+    is_free: bool = True
+
+
+@dataclass
+class _Batch:
+    """A llama_batch sized for the largest decode, with numpy views on its arrays."""
+
+    capacity: int
+    num_seq_max: int
+    raw: llama_cpp.llama_batch = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.raw = llama_cpp.llama_batch_init(self.capacity, 0, self.num_seq_max)
+        self.token = np.ctypeslib.as_array(self.raw.token, shape=(self.capacity,))
+        self.pos = np.ctypeslib.as_array(self.raw.pos, shape=(self.capacity,))
+        self.num_seq = np.ctypeslib.as_array(self.raw.n_seq_id, shape=(self.capacity,))
+        self.is_output = np.ctypeslib.as_array(self.raw.logits, shape=(self.capacity,))
+
+    def fill(self, tokens: Sequence[int], positions: Sequence[int],
+             seq_ids: Sequence[Sequence[int]]) -> None:
+        count = len(tokens)
+        self.token[:count] = tokens
+        self.pos[:count] = positions
+        self.is_output[:count] = 1
+        for i, ids in enumerate(seq_ids):
+            self.num_seq[i] = len(ids)
+            row = self.raw.seq_id[i]
+            for j, seq in enumerate(ids):
+                row[j] = seq
+        self.raw.n_tokens = count
+
+    def free(self) -> None:
+        llama_cpp.llama_batch_free(self.raw)
+
+
+class Target:
+    def __init__(self, config: TargetConfig) -> None:
+        global _backend_ready
+        if not _backend_ready:
+            # llama-cpp-python routes llama.cpp's log through this logger: errors only.
+            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+        if not Path(config.model_path).is_file():
+            raise FileNotFoundError(f"model file not found: {config.model_path}")
+        self.config = config
+
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        self._model = llama_cpp.llama_model_load_from_file(
+            str(config.model_path).encode(), model_params
+        )
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {config.model_path}")
+        self.tokenizer = Tokenizer(self._model)
+        self.chat_template = self._load_chat_template()
+        self.vocab_size = self.tokenizer.vocab_size
+        self.hidden_size: int = llama_cpp.llama_model_n_embd(self._model)
+        self.ctx_train: int = llama_cpp.llama_model_n_ctx_train(self._model)
+
+        num_seq_max = config.num_slots * config.max_tree_branches
+        if num_seq_max > llama_cpp.llama_max_parallel_sequences():
+            raise ValueError(
+                f"num_slots × max_tree_branches = {num_seq_max} exceeds llama.cpp's limit of "
+                f"{llama_cpp.llama_max_parallel_sequences()} sequences"
+            )
+        batch_capacity = max(config.batch_size, config.max_tree_nodes)
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = config.num_slots * (config.ctx_size + config.max_tree_nodes)
+        ctx_params.n_batch = batch_capacity
+        ctx_params.n_ubatch = batch_capacity
+        ctx_params.n_seq_max = num_seq_max
+        ctx_params.n_threads = config.num_threads
+        ctx_params.n_threads_batch = config.num_threads
+        ctx_params.embeddings = True
+        ctx_params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
+        ctx_params.kv_unified = True
+        ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn
+                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = _Batch(batch_capacity, num_seq_max)
+        self._slots = [_Slot() for _ in range(config.num_slots)]
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def metadata(self, key: str) -> Optional[str]:
+        size = 256
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            count = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buffer, size)
+            if count < 0:
+                return None
+            if count < size:
+                return buffer.value.decode("utf-8", errors="replace")
+            size = count + 1
+
+    def _load_chat_template(self) -> Optional[ChatTemplate]:
+        source = llama_cpp.llama_model_chat_template(self._model, None)
+        if not source:
+            return None
+        return ChatTemplate(
+            source.decode("utf-8"),
+            bos_token=self.tokenizer.token_text(self.tokenizer.bos_id),
+            eos_token=self.tokenizer.token_text(self.tokenizer.eos_id),
+        )
+
+    # -- slots ------------------------------------------------------------------------------
+
+    @property
+    def num_free_slots(self) -> int:
+        return sum(slot.is_free for slot in self._slots)
+
+    def acquire_slot(self) -> int:
+        for index, slot in enumerate(self._slots):
+            if slot.is_free:
+                self._slots[index] = _Slot(is_free=False)
+                return index
+        raise RuntimeError("no free slot")
+
+    def release_slot(self, slot_index: int) -> None:
+        """Drop every KV cell of the slot (committed and scratch) and free it."""
+        for seq in self._slot_seq_ids(slot_index):
+            llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._slots[slot_index] = _Slot(is_free=True)
+
+    def num_cached(self, slot_index: int) -> int:
+        return self._slots[slot_index].num_cached
+
+    def _slot_seq_ids(self, slot_index: int) -> range:
+        base = slot_index * self.config.max_tree_branches
+        return range(base, base + self.config.max_tree_branches)
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def prefill(self, slot_index: int, tokens: Sequence[int]) -> PrefillOutput:
+        """Evaluate a fresh slot's prompt in chunks of batch_size and commit it."""
+        slot = self._slot(slot_index)
+        if slot.num_cached or slot.node_leaf is not None:
+            raise RuntimeError("prefill needs an empty slot")
+        if not tokens:
+            raise ValueError("empty prompt")
+        if len(tokens) > self.config.ctx_size:
+            raise ValueError(f"{len(tokens)} prompt tokens exceed the context of {self.config.ctx_size}")
+        base = self._slot_seq_ids(slot_index)[0]
+        features = np.empty((len(tokens), self.hidden_size), dtype=np.float32)
+        step = self.config.batch_size
+        for start in range(0, len(tokens), step):
+            chunk = tokens[start : start + step]
+            count = len(chunk)
+            self._decode(chunk, range(start, start + count), [(base,)] * count)
+            features[start : start + count] = self._outputs(llama_cpp.llama_get_embeddings,
+                                                            count, self.hidden_size)
+        last_logits = self._outputs(llama_cpp.llama_get_logits, count, self.vocab_size)[-1].copy()
+        slot.num_cached = len(tokens)
+        return PrefillOutput(last_logits=last_logits, features=features)
+
+    def verify_tree(self, slot_index: int, tokens: Sequence[int],
+                    parents: Sequence[int]) -> TreeOutput:
+        """Evaluate a token tree on top of the slot's committed tokens in one decode.
+
+        tokens[0] is the root (the last token the target chose, not yet in the cache);
+        parents[i] is the index of node i's parent, parents[0] = -1, parents[i] < i.
+        Plain decoding is a tree of one node. `commit` must follow before the next call.
+        """
+        slot = self._slot(slot_index)
+        if slot.node_leaf is not None:
+            raise RuntimeError("verify_tree called twice without commit")
+        num_nodes = len(tokens)
+        depths = _validate_tree(parents, num_nodes)
+        if num_nodes > self.config.max_tree_nodes:
+            raise ValueError(f"tree of {num_nodes} nodes exceeds max_tree_nodes")
+        if slot.num_cached + max(depths) + 1 > self.config.ctx_size + self.config.max_tree_nodes:
+            raise ValueError("tree does not fit in the slot's context")
+
+        has_child = [False] * num_nodes
+        for parent in parents[1:]:
+            has_child[parent] = True
+        leaves = [i for i in range(num_nodes) if not has_child[i]]
+        if len(leaves) > self.config.max_tree_branches:
+            raise ValueError(f"tree has {len(leaves)} leaves, more than max_tree_branches")
+
+        # Branch k is sequence seq_ids[k]; branch 0 is the base sequence itself, the others
+        # first share the committed prefix (cells gain a sequence id, nothing is copied).
+        seq_ids = self._slot_seq_ids(slot_index)
+        node_seqs: list[list[int]] = [[] for _ in range(num_nodes)]
+        node_leaf = [-1] * num_nodes
+        for k, leaf in enumerate(leaves):
+            if k > 0:
+                llama_cpp.llama_memory_seq_cp(self._memory, seq_ids[0], seq_ids[k], -1, -1)
+            node = leaf
+            while node >= 0:
+                node_seqs[node].append(seq_ids[k])
+                if node_leaf[node] < 0:
+                    node_leaf[node] = k
+                node = parents[node]
+
+        positions = [slot.num_cached + depth for depth in depths]
+        self._decode(tokens, positions, node_seqs)
+        slot.node_leaf, slot.parents, slot.num_leaves = node_leaf, list(parents), len(leaves)
+        return TreeOutput(
+            logits=self._outputs(llama_cpp.llama_get_logits, num_nodes, self.vocab_size).copy(),
+            features=self._outputs(llama_cpp.llama_get_embeddings, num_nodes,
+                                   self.hidden_size).copy(),
+        )
+
+    def decode(self, slot_index: int, token: int) -> TreeOutput:
+        """One token: a tree that is only a root. `commit(slot, [0])` keeps it."""
+        return self.verify_tree(slot_index, [token], [-1])
+
+    def commit(self, slot_index: int, path: Sequence[int]) -> None:
+        """Keep the KV of the accepted root→node path of the last tree; drop the rest.
+
+        This is the only place where the target's KV is rolled back. The accepted path lies
+        inside one branch (the leaf recorded for its last node). If that branch is the base
+        sequence, the base is trimmed after the path; otherwise the base drops all tree cells
+        and re-acquires the path's cells from that branch. Then every scratch branch is
+        removed, freeing cells no sequence holds. Positions stay contiguous:
+        0..num_cached-1 plus the path at num_cached..num_cached+len(path)-1.
+        """
+        slot = self._slot(slot_index)
+        if slot.node_leaf is None or slot.parents is None:
+            raise RuntimeError("commit without a verified tree")
+        _validate_path(path, slot.parents)
+        seq_ids = self._slot_seq_ids(slot_index)
+        start = slot.num_cached
+        end = start + len(path)
+        branch = slot.node_leaf[path[-1]] if path else 0
+        if branch == 0:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_ids[0], end, -1)
+        else:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_ids[0], start, -1)
+            llama_cpp.llama_memory_seq_cp(self._memory, seq_ids[branch], seq_ids[0], start, end)
+        for k in range(1, slot.num_leaves):
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_ids[k], -1, -1)
+        slot.num_cached = end
+        slot.node_leaf, slot.parents, slot.num_leaves = None, None, 0
+
+    def sequence_positions(self, slot_index: int) -> list[tuple[int, int]]:
+        """(min, max) position held by each of the slot's sequences, base first; (-1, -1)
+        for an empty one. Between commits only the base holds anything."""
+        return [(llama_cpp.llama_memory_seq_pos_min(self._memory, seq),
+                 llama_cpp.llama_memory_seq_pos_max(self._memory, seq))
+                for seq in self._slot_seq_ids(slot_index)]
+
+    def close(self) -> None:
+        if self._ctx:
+            self._batch.free()
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = None
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _slot(self, slot_index: int) -> _Slot:
+        slot = self._slots[slot_index]
+        if slot.is_free:
+            raise RuntimeError(f"slot {slot_index} is not acquired")
+        return slot
+
+    def _decode(self, tokens: Sequence[int], positions: Sequence[int],
+                seq_ids: Sequence[Sequence[int]]) -> None:
+        self._batch.fill(tokens, positions, seq_ids)
+        status = llama_cpp.llama_decode(self._ctx, self._batch.raw)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+
+    def _outputs(self, getter, count: int, width: int) -> np.ndarray:
+        """A [count, width] view on llama.cpp's output buffer (valid until the next decode)."""
+        pointer = getter(self._ctx)
+        return np.ctypeslib.as_array(pointer, shape=(count, width))
+
+
+def _validate_tree(parents: Sequence[int], num_nodes: int) -> list[int]:
+    """Check the parent array; return each node's depth (root: 0)."""
+    if num_nodes == 0 or len(parents) != num_nodes:
+        raise ValueError("tree needs one parent index per node and at least a root")
+    if parents[0] != -1:
+        raise ValueError("node 0 must be the root (parent -1)")
+    depths = [0] * num_nodes
+    for i in range(1, num_nodes):
+        if not 0 <= parents[i] < i:
+            raise ValueError(f"node {i} has parent {parents[i]}; parents must precede children")
+        depths[i] = depths[parents[i]] + 1
+    return depths
+
+
+def _validate_path(path: Sequence[int], parents: Sequence[int]) -> None:
+    if not path:
+        return
+    if path[0] != 0:
+        raise ValueError("an accepted path starts at the root (node 0)")
+    for previous, node in zip(path, path[1:]):
+        if not 0 <= node < len(parents) or parents[node] != previous:
+            raise ValueError(f"node {node} is not a child of node {previous}")

@@ -1,0 +1,87 @@
+"""The target's tokenizer, straight from the GGUF vocabulary through llama.cpp."""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+
+import llama_cpp
+
+
+class Tokenizer:
+    def __init__(self, model: llama_cpp.llama_model_p) -> None:
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self.vocab_size: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.bos_id: int = llama_cpp.llama_vocab_bos(self._vocab)
+        self.eos_id: int = llama_cpp.llama_vocab_eos(self._vocab)
+        self.adds_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self.end_of_generation_ids: frozenset[int] = frozenset(
+            token for token in range(self.vocab_size)
+            if llama_cpp.llama_vocab_is_eog(self._vocab, token)
+        )
+        self._piece_cache: dict[int, bytes] = {}
+
+    def encode(self, text: str, add_bos: bool = False, parse_special: bool = True) -> list[int]:
+        """Text → token ids. `parse_special` turns e.g. '<|im_start|>' into its control token."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buffer = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(
+            self._vocab, data, len(data), buffer, capacity, add_bos, parse_special
+        )
+        if count < 0:  # buffer too small: -count is the size needed
+            capacity = -count
+            buffer = (llama_cpp.llama_token * capacity)()
+            count = llama_cpp.llama_tokenize(
+                self._vocab, data, len(data), buffer, capacity, add_bos, parse_special
+            )
+        return list(buffer[:count])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes a generated token stands for; control tokens render as nothing.
+
+        A byte-level token may hold part of a multi-byte UTF-8 character, so this is bytes.
+        """
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            piece = self._piece(token, special=False)
+            self._piece_cache[token] = piece
+        return piece
+
+    def token_text(self, token: int) -> str:
+        """A token's text with control tokens rendered (e.g. '<|im_end|>'), for templates."""
+        return self._piece(token, special=True).decode("utf-8", errors="replace")
+
+    def decode(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(token) for token in tokens).decode("utf-8", "replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return token in self.end_of_generation_ids
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            count = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, size, 0, special)
+            if count >= 0:
+                return buffer.raw[:count]
+            size = -count
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text out; never emits part of a multi-byte UTF-8 character.
+
+    Bytes of a character split across tokens are held until the character is complete;
+    bytes that can never form valid UTF-8 become U+FFFD.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self._tokenizer.token_bytes(token), final=False)
+
+    def flush(self) -> str:
+        """End of generation: whatever incomplete bytes remain become U+FFFD."""
+        return self._decoder.decode(b"", final=True)
