@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import AsyncIterator, Callable, Optional
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -37,6 +37,7 @@ def build_engine(settings: Settings) -> Engine:
         ctx_size=settings.ctx_size,
         batch_size=settings.batch_size,
         num_threads=settings.num_threads,
+        flash_attn=settings.flash_attn,
     ))
     return Engine(target)
 
@@ -54,7 +55,7 @@ def create_app(settings: Settings,
         finally:
             if not loading.done():
                 loading.cancel()
-            engine: Optional[Engine] = app.state.engine
+            engine: Engine | None = app.state.engine
             if engine is not None:
                 await asyncio.to_thread(engine.stop)
                 engine.target.close()
@@ -73,14 +74,14 @@ def create_app(settings: Settings,
                            code="invalid_api_key")
 
     def ready_engine(request: Request) -> Engine:
-        engine: Optional[Engine] = request.app.state.engine
+        engine: Engine | None = request.app.state.engine
         if engine is None:
             raise APIError(503, "the model is still loading", headers={"Retry-After": "5"})
         return engine
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        engine: Optional[Engine] = request.app.state.engine
+        engine: Engine | None = request.app.state.engine
         if engine is None:
             return JSONResponse({"status": "loading"}, status_code=503,
                                 headers={"Retry-After": "5"})
@@ -155,25 +156,30 @@ async def _generate(engine: Engine, request: Request, body: SamplingFields,
 
 async def _collect(engine: Engine, sequence: Sequence, events: asyncio.Queue,
                    request: Request, fmt: ResponseFormat, prefix: str) -> JSONResponse:
+    watcher = asyncio.create_task(_cancel_on_disconnect(engine, sequence, request))
     pieces = [prefix]
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    engine.cancel(sequence)
-                    return JSONResponse({}, status_code=499)
-                continue
+            event: SequenceEvent = await events.get()
             pieces.append(event.text)
             if event.finish_reason is not None:
                 break
-    except asyncio.CancelledError:
-        engine.cancel(sequence)
-        raise
+    finally:
+        watcher.cancel()
+        if not sequence.is_finished:
+            engine.cancel(sequence)
     if event.error is not None:
         return error_response(APIError(500, event.error))
     return JSONResponse(fmt.full("".join(pieces), event.finish_reason, event.usage))
+
+
+async def _cancel_on_disconnect(engine: Engine, sequence: Sequence, request: Request) -> None:
+    """A non-streamed request has nothing to write until the end: poll for the client."""
+    while not sequence.is_finished:
+        if await request.is_disconnected():
+            engine.cancel(sequence)
+            return
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
 
 
 async def _stream(engine: Engine, sequence: Sequence, events: asyncio.Queue,

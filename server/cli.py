@@ -35,7 +35,8 @@ def serve_forever(settings) -> int:
 
     from server.app import create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         model_path = settings.model_path
     except FileNotFoundError as error:

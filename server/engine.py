@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from typing import Optional
 
 from server.sequence import Sequence, SequenceEvent
 from verifier.sampling import choose_token
@@ -28,7 +27,7 @@ class Engine:
         self._active: list[Sequence] = []
         self._wakeup = threading.Condition()
         self._is_stopping = False
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     # -- called from other threads ----------------------------------------------------------
 
@@ -124,12 +123,12 @@ class Engine:
         """A failure in one sequence ends that sequence with an error, not the engine."""
         try:
             work(sequence)
-        except Exception as error:  # noqa: BLE001 - reported to the client, engine goes on
+        except Exception as error:
             log.exception("request %s failed", sequence.request_id)
             sequence.fail(f"generation failed: {error}")
 
     def _emit(self, sequence: Sequence) -> None:
-        event: Optional[SequenceEvent] = sequence.take_event()
+        event: SequenceEvent | None = sequence.take_event()
         if event is None:
             return
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,8 +24,8 @@ _TYPE_BY_STATUS = {
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 code: Optional[str] = None, headers: Optional[dict[str, str]] = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -35,8 +34,8 @@ class APIError(Exception):
         self.headers = headers
 
 
-def error_body(status: int, message: str, param: Optional[str] = None,
-               code: Optional[str] = None) -> dict:
+def error_body(status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPE_BY_STATUS.get(status, "server_error"),
                       "param": param, "code": code}}
 
@@ -46,7 +45,7 @@ def error_response(error: APIError) -> JSONResponse:
                         status_code=error.status, headers=error.headers)
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[str, Optional[str]]:
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     """The first validation problem as (message, param)."""
     errors = exc.errors()
     if not errors:

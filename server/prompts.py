@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from verifier.chat_template import ChatTemplateError
@@ -19,7 +17,8 @@ def chat_prompt_tokens(target: Target, request: ChatCompletionRequest) -> list[i
     try:
         text = target.chat_template.render(messages, add_generation_prompt=True)
     except ChatTemplateError as error:
-        raise APIError(400, f"the chat template rejected the messages: {error}", "messages")
+        raise APIError(400, f"the chat template rejected the messages: {error}",
+                       "messages") from error
     tokenizer = target.tokenizer
     # BOS as the metadata says, unless the template already wrote it.
     bos_text = target.chat_template.bos_token
@@ -42,7 +41,7 @@ def completion_prompt_tokens(target: Target, request: CompletionRequest) -> list
     return tokens
 
 
-def completion_budget(num_prompt_tokens: int, requested: Optional[int], ctx_size: int,
+def completion_budget(num_prompt_tokens: int, requested: int | None, ctx_size: int,
                       param: str) -> int:
     """Tokens the completion may have; 400 `context_length_exceeded` when it cannot fit."""
     available = ctx_size - num_prompt_tokens

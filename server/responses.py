@@ -6,7 +6,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from server.sequence import Usage
 
@@ -42,7 +42,7 @@ class ResponseFormat:
         body["usage"] = usage.as_dict()
         return body
 
-    def chunk(self, text: str, finish_reason: Optional[str] = None,
+    def chunk(self, text: str, finish_reason: str | None = None,
               is_first: bool = False) -> str:
         if self.kind == "chat":
             if finish_reason is not None:

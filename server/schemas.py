@@ -7,12 +7,18 @@ fields (clients send vendor extras; they are ignored). Everything that fails her
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024
+
+
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
+StopList = Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)]
+OnePromptList = Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 
 
 class _Strict(BaseModel):
@@ -26,8 +32,8 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[StrictStr, Annotated[list[TextPart], Field(min_length=1)]]
-    name: Optional[StrictStr] = None
+    content: StrictStr | Annotated[list[TextPart], Field(min_length=1)]
+    name: StrictStr | None = None
 
     @property
     def text(self) -> str:
@@ -43,27 +49,22 @@ class StreamOptions(_Strict):
 class SamplingFields(_Strict):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
-    model: Optional[StrictStr] = None
-    max_tokens: Optional[Annotated[int, Field(ge=1)]] = None
+    model: StrictStr | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=-1)] = 0
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    logit_bias: Optional[
-        Annotated[dict[StrictStr, Annotated[float, Field(ge=-100.0, le=100.0)]],
-                  Field(max_length=MAX_LOGIT_BIAS)]
-    ] = None
-    seed: Optional[int] = None
-    stop: Optional[
-        Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)]]
-    ] = None
+    logit_bias: Annotated[dict[StrictStr, Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    seed: int | None = None
+    stop: StrictStr | StopList | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    logprobs: Optional[Literal[False]] = None
-    user: Optional[StrictStr] = None
+    stream_options: StreamOptions | None = None
+    logprobs: Literal[False] | None = None
+    user: StrictStr | None = None
 
     @property
     def stop_strings(self) -> list[str]:
@@ -78,30 +79,28 @@ class SamplingFields(_Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Optional[Annotated[int, Field(ge=1)]] = None
-    top_logprobs: Optional[Literal[0]] = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    top_logprobs: Literal[0] | None = None
 
     @property
-    def max_new_tokens(self) -> Optional[int]:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def max_new_tokens(self) -> int | None:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[
-        StrictStr,
-        Annotated[list[StrictStr], Field(min_length=1, max_length=1)],
-        Annotated[list[StrictInt], Field(min_length=1)],
-    ]
+    prompt: StrictStr | OnePromptList | TokenIds
     echo: bool = False
-    suffix: Optional[Literal[""]] = None
-    best_of: Optional[Literal[1]] = None
+    suffix: Literal[""] | None = None
+    best_of: Literal[1] | None = None
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> "CompletionRequest":
+    def _one_prompt(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
             self.prompt = self.prompt[0]
         return self
 
     @property
-    def max_new_tokens(self) -> Optional[int]:
+    def max_new_tokens(self) -> int | None:
         return 16 if self.max_tokens is None else self.max_tokens

@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -39,9 +39,9 @@ class SequenceEvent:
     """What the engine hands to the HTTP side: new text, and on the last event the end."""
 
     text: str = ""
-    finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error"
-    usage: Optional[Usage] = None
-    error: Optional[str] = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    usage: Usage | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -53,21 +53,21 @@ class Sequence:
     sink: Callable[[SequenceEvent], None]  # called on the engine thread; must not block
     request_id: str = ""
 
-    slot: Optional[int] = None
-    root_token: Optional[int] = None  # chosen and emitted, not yet in the target's KV
+    slot: int | None = None
+    root_token: int | None = None  # chosen and emitted, not yet in the target's KV
     output_tokens: list[int] = field(default_factory=list)
     token_counts: Counter = field(default_factory=Counter)
-    finish_reason: Optional[str] = None
+    finish_reason: str | None = None
     num_verify_steps: int = 0
     submitted_at: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.params.seed)
-        self._detokenizer: Optional[IncrementalDetokenizer] = None
+        self._detokenizer: IncrementalDetokenizer | None = None
         self._stops = StopMatcher(self.stop)
         self._pending_text: list[str] = []
-        self._error: Optional[str] = None
+        self._error: str | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -102,7 +102,7 @@ class Sequence:
             self._pending_text.append(text if hit_stop else text + self._stops.flush())
         self.finish_reason = reason
 
-    def take_event(self) -> Optional[SequenceEvent]:
+    def take_event(self) -> SequenceEvent | None:
         """The text produced since the last event (and the end, if reached), or None."""
         text = "".join(self._pending_text)
         self._pending_text.clear()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Optional
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,25 +20,28 @@ from verifier.default_model import default_model_path
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DOVETAIL_", frozen=True, extra="ignore")
 
-    model: Optional[Path] = Field(
+    model: Path | None = Field(
         None, description="Target GGUF file (default: the packaged SmolLM2-135M-Instruct Q4_1)."
     )
-    model_name: Optional[str] = Field(
+    model_name: str | None = Field(
         None, description="Model id reported by /v1/models (default: the GGUF file's stem)."
     )
     draft: str = Field("none", description="Draft checkpoint, or 'none' for plain decoding.")
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
-    api_key: Optional[str] = Field(
+    api_key: str | None = Field(
         None, description="If set, /v1/* requires 'Authorization: Bearer <key>'."
     )
     threads: int = Field(
-        0, ge=0, description="CPU threads for the target (0: all cores of this machine)."
+        0, ge=0, description="CPU threads for the target (0: one per physical core)."
     )
     ctx_size: int = Field(
         4096, ge=64, description="Context length per request: prompt + completion tokens."
     )
     batch_size: int = Field(512, ge=1, description="Tokens per llama.cpp decode during prefill.")
+    flash_attn: bool = Field(
+        False, description="llama.cpp flash attention (off: greedy text equals llama-cpp-python's)."
+    )
     max_concurrency: int = Field(
         4, ge=1, le=64, description="Requests decoded at the same time (one KV slot each)."
     )
@@ -61,7 +63,26 @@ class Settings(BaseSettings):
 
     @property
     def num_threads(self) -> int:
-        return self.threads or (os.cpu_count() or 1)
+        return self.threads or physical_cores()
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: llama.cpp gains nothing from SMT siblings."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores: set[tuple[str, str]] = set()
+    physical_id = ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    physical_id = value.strip()
+                elif key == "core id":
+                    cores.add((physical_id, value.strip()))
+    except OSError:
+        pass
+    return max(1, min(len(cores), logical or 1) if cores else (logical or 1))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,9 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         env = "DOVETAIL_" + name.upper()
         default = "packaged model" if name == "model" else field.default
-        parser.add_argument(
-            flag, dest=name, default=None, help=f"{field.description} [env {env}; default {default}]"
-        )
+        help_text = f"{field.description} [env {env}; default {default}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, default=None, help=help_text,
+                                action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=help_text,
+                                metavar=name.split("_")[-1].upper())
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

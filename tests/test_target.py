@@ -77,7 +77,8 @@ def test_tree_argmax_equals_sequential_decoding(model, f16_target, q4_target):
     assert tree.features.shape == (len(tokens), target.hidden_size)
 
     for node in range(len(tokens)):
-        expected = sequential_logits(target, prompt, [tokens[i] for i in path_to(parents, node)])[-1]
+        path_tokens = [tokens[i] for i in path_to(parents, node)]
+        expected = sequential_logits(target, prompt, path_tokens)[-1]
         if model == "f16":
             assert int(np.argmax(tree.logits[node])) == int(np.argmax(expected)), node
             np.testing.assert_allclose(tree.logits[node], expected, atol=0.1)
@@ -145,8 +146,8 @@ def test_verify_commit_continue_equals_never_drafting(f16_target):
         path = [0]
         while True:
             choice = int(np.argmax(output.logits[path[-1]]))
-            child = next((i for i, p in enumerate(parents) if p == path[-1] and tokens[i] == choice),
-                         None)
+            children = [i for i, parent in enumerate(parents) if parent == path[-1]]
+            child = next((i for i in children if tokens[i] == choice), None)
             if child is None:
                 break
             path.append(child)

@@ -21,4 +21,5 @@ def default_model_path() -> Path:
         path = Path(location) / DEFAULT_MODEL_FILE
         if path.is_file():
             return path
-    raise FileNotFoundError(f"{DEFAULT_MODEL_FILE} not found in the '{DEFAULT_MODEL_PACKAGE}' package")
+    raise FileNotFoundError(
+        f"{DEFAULT_MODEL_FILE} not found in the '{DEFAULT_MODEL_PACKAGE}' package")

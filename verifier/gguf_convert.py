@@ -30,7 +30,8 @@ def write_f16_copy(source: Path, destination: Path) -> Path:
 
     for tensor in reader.tensors:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        values = np.asarray(values, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+        shape = tuple(reversed(tensor.shape.tolist()))  # GGUF lists dimensions innermost first
+        values = np.asarray(values, dtype=np.float32).reshape(shape)
         if values.ndim >= 2:
             writer.add_tensor(tensor.name, values.astype(np.float16))
         else:

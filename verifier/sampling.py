@@ -11,8 +11,8 @@ speculative rejection sampler accepts and resamples against exactly this distrib
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 

@@ -16,10 +16,11 @@ and its post-final-norm hidden state (the feature the draft model reads).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import llama_cpp
 import numpy as np
@@ -61,8 +62,8 @@ class _Slot:
     num_cached: int = 0  # committed tokens in the base sequence (positions 0..num_cached-1)
     # Between verify_tree and commit: for each node, the index of one leaf whose branch
     # contains it, and the number of leaves.
-    node_leaf: Optional[list[int]] = None
-    parents: Optional[list[int]] = None
+    node_leaf: list[int] | None = None
+    parents: list[int] | None = None
     num_leaves: int = 0
     is_free: bool = True
 
@@ -153,7 +154,7 @@ class Target:
 
     # -- metadata ---------------------------------------------------------------------------
 
-    def metadata(self, key: str) -> Optional[str]:
+    def metadata(self, key: str) -> str | None:
         size = 256
         while True:
             buffer = ctypes.create_string_buffer(size)
@@ -164,7 +165,7 @@ class Target:
                 return buffer.value.decode("utf-8", errors="replace")
             size = count + 1
 
-    def _load_chat_template(self) -> Optional[ChatTemplate]:
+    def _load_chat_template(self) -> ChatTemplate | None:
         source = llama_cpp.llama_model_chat_template(self._model, None)
         if not source:
             return None
@@ -210,7 +211,8 @@ class Target:
         if not tokens:
             raise ValueError("empty prompt")
         if len(tokens) > self.config.ctx_size:
-            raise ValueError(f"{len(tokens)} prompt tokens exceed the context of {self.config.ctx_size}")
+            raise ValueError(f"{len(tokens)} prompt tokens exceed the context of "
+                             f"{self.config.ctx_size}")
         base = self._slot_seq_ids(slot_index)[0]
         features = np.empty((len(tokens), self.hidden_size), dtype=np.float32)
         step = self.config.batch_size
@@ -359,6 +361,6 @@ def _validate_path(path: Sequence[int], parents: Sequence[int]) -> None:
         return
     if path[0] != 0:
         raise ValueError("an accepted path starts at the root (node 0)")
-    for previous, node in zip(path, path[1:]):
+    for previous, node in itertools.pairwise(path):
         if not 0 <= node < len(parents) or parents[node] != previous:
             raise ValueError(f"node {node} is not a child of node {previous}")

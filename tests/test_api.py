@@ -1,0 +1,239 @@
+"""The official `openai` client and raw HTTP against a live `dovetail serve`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from llama_cpp import Llama
+
+from tests.conftest import NUM_THREADS
+
+MESSAGES = [
+    [{"role": "user", "content": "Write a haiku about autumn leaves."}],
+    [{"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "List three primary colors."}],
+    [{"role": "user", "content": "def add(a, b):\n    \"\"\"Add two numbers.\"\"\""}],
+    [{"role": "user", "content": "Quelle est la capitale de l'Italie ?"}],
+    [{"role": "user", "content": "What is 12 times 12?"},
+     {"role": "assistant", "content": "144."},
+     {"role": "user", "content": "And 13 times 13?"}],
+]
+
+
+def read_sse(response: httpx.Response) -> list[str]:
+    """The `data:` payloads of an SSE response, in order."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            events.append(line[len("data: "):])
+        else:
+            assert line == "", f"unexpected SSE line {line!r}"
+    return events
+
+
+def test_models_lists_the_served_model(client):
+    models = client.models.list()
+    assert [model.id for model in models.data] == ["SmolLM2-135M-Instruct.Q4_1"]
+
+
+def test_chat_completion_shape_and_usage(client):
+    response = client.chat.completions.create(
+        model="anything", messages=MESSAGES[0], temperature=0, max_tokens=12)
+    assert response.object == "chat.completion"
+    assert response.id.startswith("chatcmpl-")
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert response.usage.completion_tokens <= 12
+    usage = response.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_streaming_chat_with_usage_equals_non_streamed(client):
+    full = client.chat.completions.create(model="m", messages=MESSAGES[1], temperature=0,
+                                          max_tokens=40)
+    stream = client.chat.completions.create(model="m", messages=MESSAGES[1], temperature=0,
+                                            max_tokens=40, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert len({chunk.id for chunk in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == full.choices[0].message.content
+    finish = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices]
+    assert finish[-1] == full.choices[0].finish_reason and all(f is None for f in finish[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+
+
+def test_raw_stream_is_sse_and_ends_with_done(server):
+    body = {"messages": MESSAGES[0], "max_tokens": 8, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.v1 + "/chat/completions", json=body,
+                      headers=server.headers, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = read_sse(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert "usage" not in chunks[0]  # only present when include_usage is asked for
+
+
+def test_completions_plain_and_streamed(client):
+    prompt = "The three largest planets of the solar system are"
+    full = client.completions.create(model="m", prompt=prompt, temperature=0, max_tokens=16)
+    assert full.object == "text_completion" and full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 16
+    streamed = client.completions.create(model="m", prompt=prompt, temperature=0, max_tokens=16,
+                                         stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == full.choices[0].text
+    echoed = client.completions.create(model="m", prompt=prompt, temperature=0, max_tokens=16,
+                                       echo=True)
+    assert echoed.choices[0].text == prompt + full.choices[0].text
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_reference(default_model):
+    return Llama(str(default_model), n_ctx=2048, n_threads=NUM_THREADS, verbose=False)
+
+
+@pytest.mark.parametrize("messages", MESSAGES)
+def test_greedy_text_equals_llama_cpp_python(client, llama_cpp_reference, messages):
+    expected = llama_cpp_reference.create_chat_completion(
+        messages=messages, temperature=0, top_k=1, repeat_penalty=1.0, max_tokens=96)
+    response = client.chat.completions.create(model="m", messages=messages, temperature=0,
+                                              max_tokens=96)
+    assert response.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    assert response.choices[0].finish_reason == expected["choices"][0]["finish_reason"]
+    assert response.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
+
+
+def greedy_tokens(target, messages, max_tokens):
+    prompt = target.tokenizer.encode(target.chat_template.render(messages))
+    slot = target.acquire_slot()
+    token = int(np.argmax(target.prefill(slot, prompt).last_logits))
+    tokens = []
+    while not target.tokenizer.is_end_of_generation(token) and len(tokens) < max_tokens:
+        tokens.append(token)
+        output = target.decode(slot, token)
+        target.commit(slot, [0])
+        token = int(np.argmax(output.logits[0]))
+    target.release_slot(slot)
+    return tokens
+
+
+def test_stop_string_across_a_token_boundary(client, q4_target):
+    messages = MESSAGES[0]
+    tokens = greedy_tokens(q4_target, messages, 40)
+    pieces = [q4_target.tokenizer.decode([token]) for token in tokens]
+    # a stop made of the end of one token and the start of the next
+    i = next(i for i in range(3, len(pieces) - 1)
+             if len(pieces[i].strip()) >= 2 and len(pieces[i + 1].strip()) >= 2)
+    stop = pieces[i][-2:] + pieces[i + 1][:2]
+    full_text = "".join(pieces)
+    expected = full_text[: full_text.index(stop)]
+
+    response = client.chat.completions.create(model="m", messages=messages, temperature=0,
+                                              max_tokens=40, stop=[stop, "never-appears"])
+    assert response.choices[0].message.content == expected
+    assert response.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model="m", messages=messages, temperature=0,
+                                            max_tokens=40, stop=stop, stream=True)
+    deltas = [chunk.choices[0].delta.content or "" for chunk in stream]
+    assert "".join(deltas) == expected
+    assert all(stop[:2] not in delta or delta in expected for delta in deltas)
+
+
+def test_multibyte_characters_split_across_tokens_stream_intact(client, q4_target):
+    messages = [{"role": "user", "content": "Say 'good morning' in Japanese."}]
+    tokens = greedy_tokens(q4_target, messages, 24)
+
+    def is_valid(data: bytes) -> bool:
+        try:
+            data.decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    assert not all(is_valid(q4_target.tokenizer.token_bytes(t)) for t in tokens)  # premise
+
+    full = client.chat.completions.create(model="m", messages=messages, temperature=0,
+                                          max_tokens=24)
+    stream = client.chat.completions.create(model="m", messages=messages, temperature=0,
+                                            max_tokens=24, stream=True)
+    deltas = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    text = full.choices[0].message.content
+    assert "".join(deltas) == text
+    # only a character cut off by max_tokens at the very end may be a replacement
+    assert "\ufffd" not in text[:-1]
+    assert all("\ufffd" not in delta for delta in deltas[:-2])
+
+
+def test_seed_makes_sampling_repeatable(client):
+    def sample(seed):
+        return client.chat.completions.create(
+            model="m", messages=MESSAGES[0], temperature=1.0, top_p=0.95, seed=seed,
+            max_tokens=24).choices[0].message.content
+
+    first = sample(1234)
+    assert sample(1234) == first
+    assert any(sample(seed) != first for seed in (1, 2, 3))
+
+
+def test_penalties_and_logit_bias_change_greedy_output(client, q4_target):
+    base = client.chat.completions.create(model="m", messages=MESSAGES[1], temperature=0,
+                                          max_tokens=20).choices[0].message.content
+    first = greedy_tokens(q4_target, MESSAGES[1], 1)[0]
+    biased = client.chat.completions.create(model="m", messages=MESSAGES[1], temperature=0,
+                                            max_tokens=20, logit_bias={str(first): -100})
+    assert biased.choices[0].message.content != base
+    assert not biased.choices[0].message.content.startswith(q4_target.tokenizer.decode([first]))
+    penalised = client.chat.completions.create(model="m", messages=MESSAGES[1], temperature=0,
+                                               max_tokens=20, frequency_penalty=2.0,
+                                               presence_penalty=2.0)
+    assert penalised.choices[0].message.content != base
+
+
+def never_end(target) -> dict[str, float]:
+    """A logit_bias that forbids every end-of-generation token."""
+    return {str(token): -100.0 for token in target.tokenizer.end_of_generation_ids}
+
+
+def wait_for_idle(server, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = httpx.get(server.base_url + "/health").json()
+        if health["active_requests"] == 0 and health["waiting_requests"] == 0:
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"server still busy after {timeout}s: {health}")
+
+
+def test_mid_stream_disconnect_stops_generation_and_frees_the_slot(server, client, q4_target):
+    body = {"messages": MESSAGES[0], "max_tokens": 1500, "temperature": 0, "stream": True,
+            "logit_bias": never_end(q4_target)}  # would take ~20 s
+    with httpx.stream("POST", server.v1 + "/chat/completions", json=body,
+                      headers=server.headers, timeout=60) as response:
+        lines = response.iter_lines()  # kept open: closing it would close the connection
+        received = 0
+        while received < 5:
+            received += next(lines).startswith("data: ")
+        assert httpx.get(server.base_url + "/health").json()["active_requests"] == 1
+    health = wait_for_idle(server, timeout=5)
+    assert health["free_slots"] == 2
+    after = client.chat.completions.create(model="m", messages=MESSAGES[0], temperature=0,
+                                           max_tokens=5)
+    assert after.usage.completion_tokens == 5
+
+
+def test_non_streamed_disconnect_is_cancelled(server, q4_target):
+    body = {"messages": MESSAGES[0], "max_tokens": 1500, "temperature": 0,
+            "logit_bias": never_end(q4_target)}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.v1 + "/chat/completions", json=body, headers=server.headers,
+                   timeout=1.0)
+    wait_for_idle(server, timeout=5)

@@ -1,0 +1,131 @@
+"""The error table of docs/openai-api.md against a live server: status, shape, param."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+CHAT = "/chat/completions"
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def post(server, path, *, json=None, content=None, headers=None):
+    all_headers = dict(server.headers)
+    all_headers.update(headers or {})
+    return httpx.post(server.v1 + path, json=json, content=content, headers=all_headers,
+                      timeout=60)
+
+
+def assert_error(response, status, param=None, code=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": "hello"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages"),
+    ({"messages": MESSAGES, "max_tokens": "ten"}, "max_tokens"),
+    ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+    ({"messages": MESSAGES, "max_tokens": -5}, "max_tokens"),
+    ({"messages": MESSAGES, "max_tokens": True}, "max_tokens"),
+    ({"messages": MESSAGES, "temperature": 7}, "temperature"),
+    ({"messages": MESSAGES, "temperature": "hot"}, "temperature"),
+    ({"messages": MESSAGES, "top_p": 1.5}, "top_p"),
+    ({"messages": MESSAGES, "top_k": -2}, "top_k"),
+    ({"messages": MESSAGES, "min_p": -0.1}, "min_p"),
+    ({"messages": MESSAGES, "presence_penalty": 3}, "presence_penalty"),
+    ({"messages": MESSAGES, "frequency_penalty": -9}, "frequency_penalty"),
+    ({"messages": MESSAGES, "stop": 5}, "stop"),
+    ({"messages": MESSAGES, "stop": ["a"] * 17}, "stop"),
+    ({"messages": MESSAGES, "n": 2}, "n"),
+    ({"messages": MESSAGES, "seed": "x"}, "seed"),
+    ({"messages": MESSAGES, "stream": "yes"}, "stream"),
+    ({"messages": MESSAGES, "logit_bias": {"5": 500}}, "logit_bias"),
+    ({"messages": MESSAGES, "logit_bias": {"not-a-token": 1}}, "logit_bias"),
+    ({"messages": MESSAGES, "logit_bias": {"999999999": 1}}, "logit_bias"),
+    ({"messages": MESSAGES, "stream_options": {"include_usage": "sure"}}, "stream_options"),
+])
+def test_bad_chat_fields_are_400_with_param(server, body, param):
+    assert_error(post(server, CHAT, json=body), 400, param=param)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": 3}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": [1, 10 ** 9]}, "prompt"),
+    ({"prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+    ({}, "prompt"),
+])
+def test_bad_completion_fields_are_400_with_param(server, body, param):
+    assert_error(post(server, "/completions", json=body), 400, param=param)
+
+
+@pytest.mark.parametrize("content,content_type", [
+    (b"{not json", "application/json"),
+    (b"", "application/json"),
+    (b"[1, 2]", "application/json"),
+    (b"\"a string\"", "application/json"),
+    (b"{\"messages\": [{\"role\": \"user\", \"content\": \"\xff\xfe\"}]}", "application/json"),
+    (b"messages=hi", "application/x-www-form-urlencoded"),
+])
+def test_malformed_bodies_are_400(server, content, content_type):
+    response = post(server, CHAT, content=content, headers={"Content-Type": content_type})
+    assert_error(response, 400)
+
+
+def test_context_length_exceeded(server):
+    error = assert_error(post(server, CHAT, json={"messages": MESSAGES, "max_tokens": 5000}),
+                         400, code="context_length_exceeded")
+    assert "2048" in error["message"]
+    long_prompt = "word " * 3000
+    assert_error(post(server, CHAT, json={"messages": [{"role": "user", "content": long_prompt}]}),
+                 400, code="context_length_exceeded")
+    assert_error(post(server, "/completions", json={"prompt": long_prompt}), 400,
+                 code="context_length_exceeded")
+
+
+def test_api_key_is_required_on_v1_but_not_on_health(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "test-key"}):
+        response = httpx.post(server.v1 + CHAT, json={"messages": MESSAGES}, headers=headers)
+        assert_error(response, 401, code="invalid_api_key")
+        assert_error(httpx.get(server.v1 + "/models", headers=headers), 401)
+    assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+def test_unknown_route_and_method(server):
+    assert_error(httpx.get(server.v1 + "/nothing", headers=server.headers), 404)
+    assert_error(httpx.get(server.v1 + CHAT, headers=server.headers), 405)
+
+
+def test_openai_client_maps_errors(server, client):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="m", messages=MESSAGES, n=3)
+    assert bad.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=100000)
+    assert too_long.value.code == "context_length_exceeded"
+    stranger = openai.OpenAI(base_url=server.v1, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
+
+
+def test_unknown_fields_are_ignored(client):
+    response = client.chat.completions.create(
+        model="m", messages=MESSAGES, max_tokens=3, temperature=0,
+        extra_body={"repetition_penalty": 1.1, "vendor_thing": {"a": 1}})
+    assert response.usage.completion_tokens <= 3

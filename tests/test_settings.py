@@ -1,0 +1,48 @@
+import argparse
+
+import pytest
+
+from server.cli import main
+from server.settings import Settings, add_arguments, settings_from_args
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return settings_from_args(parser.parse_args(argv))
+
+
+def test_flags_beat_environment_which_beats_defaults(monkeypatch):
+    assert parse([]).port == 8000 and parse([]).host == "127.0.0.1"
+    monkeypatch.setenv("DOVETAIL_PORT", "9001")
+    monkeypatch.setenv("DOVETAIL_FLASH_ATTN", "true")
+    assert parse([]).port == 9001 and parse([]).flash_attn is True
+    settings = parse(["--port", "9002", "--no-flash-attn", "--ctx-size", "2048"])
+    assert (settings.port, settings.flash_attn, settings.ctx_size) == (9002, False, 2048)
+
+
+def test_every_field_has_a_flag():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {action.dest for action in parser._actions}
+    assert set(Settings.model_fields) <= flags
+
+
+def test_default_model_is_the_packaged_gguf():
+    settings = parse([])
+    assert settings.model_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert settings.model_path.is_file()
+    assert settings.served_model_name == "SmolLM2-135M-Instruct.Q4_1"
+    assert settings.num_threads >= 1
+
+
+@pytest.mark.parametrize("argv", [["--port", "-1"], ["--ctx-size", "big"],
+                                  ["--draft", "/no/such/draft"], ["--max-concurrency", "0"]])
+def test_invalid_settings_exit_with_a_message(argv, capsys):
+    assert main(["serve", *argv]) == 2
+    assert "dovetail: --" in capsys.readouterr().err
+
+
+def test_missing_model_file_exits_with_a_message(capsys, tmp_path):
+    assert main(["serve", "--model", str(tmp_path / "missing.gguf")]) == 2
+    assert "not found" in capsys.readouterr().err
