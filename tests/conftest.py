@@ -32,6 +32,14 @@ def f16_model(tmp_path_factory, default_model) -> Path:
     return write_f16_copy(default_model, tmp_path_factory.mktemp("models") / "smollm2-f16.gguf")
 
 
+def is_valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def make_target(path: Path, **overrides) -> Target:
     config = dict(model_path=path, num_slots=3, ctx_size=1024, max_tree_nodes=32,
                   max_tree_branches=8, num_threads=NUM_THREADS)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from llama_cpp import Llama
 
-from tests.conftest import NUM_THREADS
+from tests.conftest import NUM_THREADS, is_valid_utf8
 
 MESSAGES = [
     [{"role": "user", "content": "Write a haiku about autumn leaves."}],
@@ -152,14 +152,7 @@ def test_multibyte_characters_split_across_tokens_stream_intact(client, q4_targe
     messages = [{"role": "user", "content": "Say 'good morning' in Japanese."}]
     tokens = greedy_tokens(q4_target, messages, 24)
 
-    def is_valid(data: bytes) -> bool:
-        try:
-            data.decode("utf-8")
-            return True
-        except UnicodeDecodeError:
-            return False
-
-    assert not all(is_valid(q4_target.tokenizer.token_bytes(t)) for t in tokens)  # premise
+    assert not all(is_valid_utf8(q4_target.tokenizer.token_bytes(t)) for t in tokens)  # premise
 
     full = client.chat.completions.create(model="m", messages=messages, temperature=0,
                                           max_tokens=24)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import is_valid_utf8
 from verifier.chat_template import ChatTemplateError
 from verifier.tokenizer import IncrementalDetokenizer
 
@@ -21,15 +22,8 @@ def test_multibyte_characters_split_across_tokens_are_never_emitted_broken(q4_ta
     tokens = tokenizer.encode(MULTIBYTE)
     pieces = [tokenizer.token_bytes(token) for token in tokens]
 
-    def is_valid(data: bytes) -> bool:
-        try:
-            data.decode("utf-8")
-            return True
-        except UnicodeDecodeError:
-            return False
-
     # the premise: some character really is split across byte-level tokens
-    assert not all(is_valid(piece) for piece in pieces)
+    assert not all(is_valid_utf8(piece) for piece in pieces)
 
     detokenizer = IncrementalDetokenizer(tokenizer)
     emitted = [detokenizer.push(token) for token in tokens]
