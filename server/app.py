@@ -5,12 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from draft_model.checkpoint import load_checkpoint
+from draft_model.device import default_dtype, resolve_device
+from draft_model.proposer import Proposer, TreeShape
+from draft_model.target_weights import read_target_weights
 from server.engine import Engine
 from server.errors import APIError, error_response, install_error_handlers
 from server.prompts import (
@@ -31,15 +37,27 @@ DISCONNECT_POLL_SECONDS = 0.25
 
 
 def build_engine(settings: Settings) -> Engine:
+    drafting = settings.draft != "none"
+    tree_tokens = settings.draft_tokens if drafting else 1
     target = Target(TargetConfig(
         model_path=settings.model_path,
         num_slots=settings.max_concurrency,
         ctx_size=settings.ctx_size,
+        max_tree_nodes=tree_tokens,
+        max_tree_branches=tree_tokens,
         batch_size=settings.batch_size,
         num_threads=settings.num_threads,
         flash_attn=settings.flash_attn,
     ))
-    return Engine(target)
+    if not drafting:
+        return Engine(target)
+    device = resolve_device(settings.draft_device)
+    model = load_checkpoint(settings.draft, read_target_weights(settings.model_path), device,
+                            default_dtype(device))
+    shape = TreeShape(top_k=settings.draft_top_k, depth=settings.draft_depth,
+                      total_tokens=settings.draft_tokens)
+    log.info("draft %s on %s: %s", settings.draft, device, shape)
+    return Engine(target, Proposer(model, shape))
 
 
 def create_app(settings: Settings,
@@ -127,6 +145,7 @@ def _engine_ready(app: FastAPI, task: asyncio.Task) -> None:
     error = task.exception()
     if error is not None:
         log.error("loading the model failed: %s", error)
+        os.kill(os.getpid(), signal.SIGTERM)  # a server that cannot serve should not linger
         return
     engine: Engine = task.result()
     engine.start()

@@ -1,27 +1,32 @@
 """The generation loop, on its own thread: admit → draft → verify → accept → commit → emit.
 
 Every active sequence advances by one verification step per engine step, round robin.
-In plain decoding (`--draft none`) the tree verified each step is just the root, and the
-target's own next token is the only one emitted; the speculative engine plugs its draft
-and acceptance rule into the same step.
+Plain decoding is the same loop without a proposer: the tree verified each step is just the
+root, and the target's own next token (the bonus token) is the only one emitted.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 
+import numpy as np
+
+from draft_model.proposer import Proposer
+from draft_model.tree import DraftTree
 from server.sequence import Sequence, SequenceEvent
-from verifier.sampling import choose_token
-from verifier.target import Target
+from verifier.acceptance import Acceptance, accept_greedy, accept_sampled
+from verifier.sampling import adjust_logits, choose_token, target_probs
+from verifier.target import Target, TreeOutput
 
 log = logging.getLogger("dovetail.engine")
 
 
 class Engine:
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, proposer: Proposer | None = None) -> None:
         self.target = target
+        self.proposer = proposer
         self.tokenizer = target.tokenizer
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
@@ -105,19 +110,58 @@ class Engine:
 
     def _prefill(self, sequence: Sequence) -> None:
         output = self.target.prefill(sequence.slot, sequence.prompt_tokens)
-        self._add_target_token(sequence, output.last_logits)
-
-    def _advance(self, sequence: Sequence) -> None:
-        """One verification step. Plain decoding: the tree is the root alone."""
-        output = self.target.verify_tree(sequence.slot, [sequence.root_token], [-1])
-        self.target.commit(sequence.slot, [0])
-        sequence.num_verify_steps += 1
-        self._add_target_token(sequence, output.logits[0])
-
-    def _add_target_token(self, sequence: Sequence, logits) -> None:
-        token = choose_token(logits, sequence.params, sequence.token_counts, sequence.rng)
+        token = choose_token(output.last_logits, sequence.params, sequence.token_counts,
+                             sequence.rng)
+        if self.proposer is not None:
+            capacity = len(sequence.prompt_tokens) + sequence.max_new_tokens + 1
+            sequence.draft_state = self.proposer.new_state(capacity)
+            self.proposer.begin(sequence.draft_state, sequence.prompt_tokens, output.features,
+                                token)
+        sequence.record_step(num_drafted=0, num_accepted=0)
         sequence.root_token = token
         sequence.add_token(token, self.tokenizer)
+
+    def _advance(self, sequence: Sequence) -> None:
+        """One verification step: draft a tree, verify it, accept, commit both sides, emit."""
+        if self.proposer is None:
+            tree = DraftTree.root_only(sequence.root_token)
+        else:
+            tree = self.proposer.propose(sequence.draft_state, sequence.root_token)
+        output = self.target.verify_tree(sequence.slot, tree.tokens, tree.parents)
+        acceptance = self._accept(sequence, tree, output)
+        self.target.commit(sequence.slot, acceptance.path)
+        new_tokens = [tree.tokens[node] for node in acceptance.path[1:]]
+        new_tokens.append(acceptance.bonus_token)
+        if self.proposer is not None:
+            self.proposer.commit(sequence.draft_state, output.features[acceptance.path],
+                                 new_tokens)
+        sequence.record_step(num_drafted=tree.num_drafted, num_accepted=acceptance.num_accepted)
+        sequence.root_token = acceptance.bonus_token
+        for token in new_tokens:
+            sequence.add_token(token, self.tokenizer)
+            if sequence.is_finished:
+                break
+
+    @staticmethod
+    def _accept(sequence: Sequence, tree: DraftTree, output: TreeOutput) -> Acceptance:
+        params = sequence.params
+
+        def processed_logits(node: int) -> np.ndarray:
+            counts = sequence.token_counts
+            if params.needs_adjustment:
+                counts = Counter(counts)
+                ancestor = node
+                while ancestor > 0:  # penalties see the tokens this node's path adds
+                    counts[tree.tokens[ancestor]] += 1
+                    ancestor = tree.parents[ancestor]
+            return adjust_logits(output.logits[node], params, counts)
+
+        if params.is_greedy:
+            return accept_greedy(tree.tokens, tree.parents,
+                                 lambda node: int(np.argmax(processed_logits(node))))
+        return accept_sampled(tree.tokens, tree.parents,
+                              lambda node: target_probs(processed_logits(node), params),
+                              sequence.rng)
 
     def _guarded(self, work, sequence: Sequence) -> None:
         """A failure in one sequence ends that sequence with an error, not the engine."""
@@ -143,6 +187,7 @@ class Engine:
                 if sequence.slot is not None:
                     self.target.release_slot(sequence.slot)
                     sequence.slot = None
+                sequence.draft_state = None
             else:
                 still_active.append(sequence)
         self._active = still_active

@@ -40,6 +40,7 @@ class ResponseFormat:
             choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
         body = self._envelope(self._object, [choice])
         body["usage"] = usage.as_dict()
+        body["speculative"] = usage.speculative_dict()
         return body
 
     def chunk(self, text: str, finish_reason: str | None = None,
@@ -65,6 +66,7 @@ class ResponseFormat:
         object_name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         body = self._envelope(object_name, [])
         body["usage"] = usage.as_dict()
+        body["speculative"] = usage.speculative_dict()
         return sse(body)
 
 

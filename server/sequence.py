@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from verifier.tokenizer import IncrementalDetokenizer, Tokenizer
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    verify_steps: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0  # drafted tokens the target accepted (bonus tokens excluded)
 
     def as_dict(self) -> dict:
         return {
@@ -32,6 +36,12 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+
+    def speculative_dict(self) -> dict:
+        """τ = completion tokens per target verification step (1.0 for plain decoding)."""
+        tau = self.completion_tokens / self.verify_steps if self.verify_steps else 0.0
+        return {"verify_steps": self.verify_steps, "drafted_tokens": self.drafted_tokens,
+                "accepted_tokens": self.accepted_tokens, "mean_accepted_length": round(tau, 4)}
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,10 @@ class Sequence:
     output_tokens: list[int] = field(default_factory=list)
     token_counts: Counter = field(default_factory=Counter)
     finish_reason: str | None = None
-    num_verify_steps: int = 0
+    draft_state: Any = None  # the proposer's per-sequence state, when drafting
+    num_verify_steps: int = 0  # target passes that chose tokens (the prefill included)
+    num_drafted: int = 0
+    num_accepted: int = 0
     submitted_at: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -72,6 +85,11 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.finish_reason is not None
+
+    def record_step(self, num_drafted: int, num_accepted: int) -> None:
+        self.num_verify_steps += 1
+        self.num_drafted += num_drafted
+        self.num_accepted += num_accepted
 
     def add_token(self, token: int, tokenizer: Tokenizer) -> None:
         """Record one token chosen by the target; decides whether the sequence ends."""
@@ -108,6 +126,7 @@ class Sequence:
         self._pending_text.clear()
         if not self.is_finished:
             return SequenceEvent(text=text) if text else None
-        usage = Usage(len(self.prompt_tokens), len(self.output_tokens))
+        usage = Usage(len(self.prompt_tokens), len(self.output_tokens), self.num_verify_steps,
+                      self.num_drafted, self.num_accepted)
         return SequenceEvent(text=text, finish_reason=self.finish_reason, usage=usage,
                              error=self._error)

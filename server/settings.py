@@ -11,10 +11,12 @@ import argparse
 import os
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from verifier.default_model import default_model_path
+
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: every tree branch of every slot is one
 
 
 class Settings(BaseSettings):
@@ -26,7 +28,13 @@ class Settings(BaseSettings):
     model_name: str | None = Field(
         None, description="Model id reported by /v1/models (default: the GGUF file's stem)."
     )
-    draft: str = Field("none", description="Draft checkpoint, or 'none' for plain decoding.")
+    draft: str = Field("none", description="Draft checkpoint folder, or 'none' for plain decoding.")
+    draft_top_k: int = Field(4, ge=1, le=32, description="Children per expanded draft node.")
+    draft_depth: int = Field(5, ge=1, le=32, description="Levels of the draft tree below the root.")
+    draft_tokens: int = Field(
+        8, ge=1, le=64, description="Tokens verified per step, root included (1: no drafting)."
+    )
+    draft_device: str = Field("auto", description="Draft device: auto (CUDA if any), cpu, cuda:N.")
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     api_key: str | None = Field(
@@ -48,10 +56,18 @@ class Settings(BaseSettings):
 
     @field_validator("draft")
     @classmethod
-    def _draft_known(cls, value: str) -> str:
-        if value != "none":
-            raise ValueError("only --draft none (plain decoding) is available in this version")
+    def _draft_exists(cls, value: str) -> str:
+        if value != "none" and not (Path(value) / "config.json").is_file():
+            raise ValueError(f"'{value}' is not a draft checkpoint folder (no config.json); "
+                             "use 'none' for plain decoding")
         return value
+
+    @model_validator(mode="after")
+    def _fits_llama_cpp(self) -> Settings:
+        if self.max_concurrency * self.draft_tokens > MAX_SEQUENCES:
+            raise ValueError(f"max_concurrency × draft_tokens must be ≤ {MAX_SEQUENCES} "
+                             "(llama.cpp's sequence limit)")
+        return self
 
     @property
     def model_path(self) -> Path:

@@ -17,6 +17,15 @@ _ARCH_KEY = "general.architecture"
 
 def write_f16_copy(source: Path, destination: Path) -> Path:
     """Dequantize every tensor of `source`: matrices to F16, vectors (norms) to F32."""
+    return write_unquantized_copy(source, destination, np.float16)
+
+
+def write_f32_copy(source: Path, destination: Path) -> Path:
+    """Dequantize every tensor of `source` to F32."""
+    return write_unquantized_copy(source, destination, np.float32)
+
+
+def write_unquantized_copy(source: Path, destination: Path, matrix_dtype: type) -> Path:
     reader = gguf.GGUFReader(source)
     architecture = reader.get_field(_ARCH_KEY).contents()
     writer = gguf.GGUFWriter(destination, arch=architecture)
@@ -26,14 +35,15 @@ def write_f16_copy(source: Path, destination: Path) -> Path:
         value_type = field.types[0]
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if matrix_dtype == np.float16
+                         else gguf.LlamaFileType.ALL_F32)
 
     for tensor in reader.tensors:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         shape = tuple(reversed(tensor.shape.tolist()))  # GGUF lists dimensions innermost first
         values = np.asarray(values, dtype=np.float32).reshape(shape)
         if values.ndim >= 2:
-            writer.add_tensor(tensor.name, values.astype(np.float16))
+            writer.add_tensor(tensor.name, values.astype(matrix_dtype))
         else:
             writer.add_tensor(tensor.name, values)
     writer.write_header_to_file()

@@ -1,0 +1,138 @@
+"""Drafting for one sequence: catch up on accepted tokens, then grow a tree level by level.
+
+Draft positions: the pair (f_t, x_{t+1}) sits at position t and, for committed pairs, at
+cache slot t. After the catch-up the last committed pair ends with the root token; a node at
+depth d of the tree is expanded by the pair (its parent's draft output, its token) at
+position C − 1 + d, written to a scratch slot after the committed ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from draft_model.model import DraftModel, KVCache
+from draft_model.tree import DraftTree, TreeBuilder
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    top_k: int = 10  # children per expanded node, and nodes expanded per level
+    depth: int = 7  # levels of candidates below the root
+    total_tokens: int = 16  # nodes verified by the target, root included
+
+    @property
+    def max_scratch_slots(self) -> int:
+        return self.top_k * self.depth
+
+
+@dataclass
+class DraftState:
+    """The draft side of one sequence."""
+
+    cache: KVCache
+    num_committed: int = 0  # pairs in the cache (slots 0..num_committed-1)
+    # pairs accepted by the target but not yet run through the draft
+    pending_features: list[np.ndarray] = field(default_factory=list)  # each [m, H]
+    pending_tokens: list[int] = field(default_factory=list)
+
+
+class Proposer:
+    def __init__(self, model: DraftModel, shape: TreeShape) -> None:
+        self.model = model.eval()
+        self.shape = shape
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+
+    def new_state(self, capacity: int) -> DraftState:
+        """capacity: the longest sequence (prompt + completion) this state will hold."""
+        cache = KVCache.allocate(self.model.config, capacity + self.shape.max_scratch_slots,
+                                 self.device, self.dtype)
+        return DraftState(cache=cache)
+
+    def begin(self, state: DraftState, prompt_tokens: list[int], prompt_features: np.ndarray,
+              root_token: int) -> None:
+        """After the target's prefill: pairs (f_t, x_{t+1}) for the prompt and the root."""
+        state.pending_features = [prompt_features]
+        state.pending_tokens = [*prompt_tokens[1:], root_token]
+
+    def commit(self, state: DraftState, path_features: np.ndarray,
+               next_tokens: list[int]) -> None:
+        """The target accepted a path: path_features [m+1, H] are its features at the root
+        and the accepted nodes; next_tokens the m accepted tokens plus the bonus token.
+
+        This is the draft's only KV rollback: the tree's scratch slots lie after
+        num_committed and are simply overwritten by the next catch-up.
+        """
+        state.pending_features.append(path_features)
+        state.pending_tokens.extend(next_tokens)
+
+    @torch.inference_mode()
+    def propose(self, state: DraftState, root_token: int) -> DraftTree:
+        shape = self.shape
+        hidden = self._catch_up(state)  # [H]: predicts the root's children
+        if hidden is None or shape.total_tokens <= 1:
+            return DraftTree.root_only(root_token)
+        committed = state.num_committed
+        if committed + shape.max_scratch_slots + shape.depth > state.cache.capacity:
+            return DraftTree.root_only(root_token)  # no room left to draft
+
+        builder = TreeBuilder(root_token, shape.top_k, shape.total_tokens)
+        depth = min(shape.depth, shape.total_tokens - 1)
+        frontier = builder.add_children([0], *self._top_children(hidden[None]))
+        # candidate id → (draft output that proposed it, its scratch slot once expanded)
+        proposer_hidden = {node: hidden for node in frontier}
+        slot_of: dict[int, int] = {}
+        next_slot = committed
+        for level in range(2, depth + 1):
+            slots = torch.arange(next_slot, next_slot + len(frontier), device=self.device)
+            next_slot += len(frontier)
+            for node, slot in zip(frontier, slots.tolist(), strict=True):
+                slot_of[node] = slot
+            mask = torch.zeros(len(frontier), next_slot, dtype=torch.bool, device=self.device)
+            mask[:, :committed] = True
+            for row, node in enumerate(frontier):
+                ancestor = node
+                while ancestor > 0:
+                    mask[row, slot_of[ancestor]] = True
+                    ancestor = builder.parents[ancestor]
+            features = torch.stack([proposer_hidden[node] for node in frontier])[None]
+            tokens = torch.tensor([[builder.tokens[node] for node in frontier]], device=self.device)
+            positions = torch.tensor([[committed - 1 + level - 1] * len(frontier)],
+                                     device=self.device)
+            outputs = self.model(features, tokens, positions, state.cache, slots, mask)[0]
+            children = self._top_children(outputs)
+            expanded = frontier
+            frontier = builder.add_children(expanded, *children)
+            by_parent = dict(zip(expanded, outputs, strict=True))
+            proposer_hidden = {node: by_parent[builder.parents[node]] for node in frontier}
+        return builder.finish()
+
+    def _catch_up(self, state: DraftState) -> torch.Tensor | None:
+        """Run the pending pairs through the draft into committed cache slots."""
+        if not state.pending_tokens:
+            return None
+        features = np.concatenate(state.pending_features)
+        count = len(state.pending_tokens)
+        start = state.num_committed
+        if start + count > state.cache.capacity:
+            return None
+        feature_tensor = torch.from_numpy(features).to(self.device, self.dtype)[None]
+        tokens = torch.tensor([state.pending_tokens], device=self.device)
+        positions = torch.arange(start, start + count, device=self.device)[None]
+        mask = torch.ones(count, start + count, dtype=torch.bool, device=self.device)
+        mask[:, start:] = torch.tril(mask[:, start:])
+        hidden = self.model(feature_tensor, tokens, positions, state.cache, positions[0], mask)
+        state.num_committed = start + count
+        state.pending_features.clear()
+        state.pending_tokens.clear()
+        return hidden[0, -1]
+
+    def _top_children(self, hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """hidden [P, H] → target token ids and log-probs of the top_k, each [P, k]."""
+        log_probs = torch.log_softmax(self.model.head_logits(hidden).float(), dim=-1)
+        top = torch.topk(log_probs, self.shape.top_k, dim=-1)
+        tokens = self.model.head_token_ids[top.indices]
+        return tokens.cpu().numpy(), top.values.cpu().numpy()

@@ -1,0 +1,103 @@
+"""EAGLE-2 dynamic draft trees, as pure bookkeeping over arrays (no model in scope).
+
+The draft expands the tree level by level: the root's children are the draft's top-k
+tokens; at each further level the best top-k nodes of the previous level (by cumulative
+log-probability, the *frontier*) are expanded by their own top-k. Every node ever created
+is a candidate; the verified tree is the root plus the best `total_tokens − 1` candidates.
+Log-probabilities are ≤ 0, so a node never outscores its parent; ranking ties by creation
+order puts ancestors first, which keeps every selected node's ancestors selected.
+A chain is the same with top_k = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """A tree to verify. Node 0 is the root (the target's last token); parents precede
+    children. `draft_probs[i]` is the draft's probability of node i given its parent."""
+
+    tokens: list[int]
+    parents: list[int]  # -1 for the root
+    depths: list[int]  # root: 0
+    draft_probs: list[float]  # root: 1.0
+
+    @classmethod
+    def root_only(cls, token: int) -> DraftTree:
+        return cls([token], [-1], [0], [1.0])
+
+    @property
+    def num_drafted(self) -> int:
+        return len(self.tokens) - 1
+
+    def attention_mask(self) -> np.ndarray:
+        """[N, N] bool: node i sees node j iff j is i or one of its ancestors."""
+        size = len(self.tokens)
+        mask = np.eye(size, dtype=bool)
+        for node in range(1, size):
+            mask[node] |= mask[self.parents[node]]
+        return mask
+
+
+class TreeBuilder:
+    """Collects candidates level by level; `finish` selects the tree to verify."""
+
+    def __init__(self, root_token: int, top_k: int, total_tokens: int) -> None:
+        if top_k < 1 or total_tokens < 1:
+            raise ValueError("top_k and total_tokens must be at least 1")
+        self.top_k = top_k
+        self.total_tokens = total_tokens
+        # candidate 0 is the root
+        self.tokens = [root_token]
+        self.parents = [-1]
+        self.depths = [0]
+        self.log_probs = [0.0]
+        self.scores = [0.0]  # cumulative log-probability from the root
+
+    def add_children(self, parents: list[int], child_tokens: np.ndarray,
+                     child_log_probs: np.ndarray) -> list[int]:
+        """Record the top-k children of each expanded candidate; return the next frontier.
+
+        parents: [P] candidate ids that were expanded; child_tokens, child_log_probs: [P, k].
+        The frontier is the best top_k new candidates (ties: earlier first).
+        """
+        new_ids, new_scores = [], []
+        for row, parent in enumerate(parents):
+            for token, log_prob in zip(child_tokens[row].tolist(),
+                                       child_log_probs[row].tolist(), strict=True):
+                new_ids.append(len(self.tokens))
+                new_scores.append(self.scores[parent] + log_prob)
+                self.tokens.append(int(token))
+                self.parents.append(parent)
+                self.depths.append(self.depths[parent] + 1)
+                self.log_probs.append(float(log_prob))
+                self.scores.append(new_scores[-1])
+        order = sorted(range(len(new_ids)), key=lambda i: (-new_scores[i], new_ids[i]))
+        return [new_ids[i] for i in order[: self.top_k]]
+
+    def finish(self) -> DraftTree:
+        """The root plus the best total_tokens − 1 candidates, ancestors always included."""
+        ranked = sorted(range(1, len(self.tokens)), key=lambda i: (-self.scores[i], i))
+        chosen = {0}
+        for candidate in ranked:
+            if len(chosen) >= self.total_tokens:
+                break
+            chain = []
+            node = candidate
+            while node not in chosen:  # ancestors first (they rank higher, but be certain)
+                chain.append(node)
+                node = self.parents[node]
+            if len(chosen) + len(chain) <= self.total_tokens:
+                chosen.update(chain)
+        order = sorted(chosen, key=lambda i: (self.depths[i], i))  # parents precede children
+        index = {candidate: position for position, candidate in enumerate(order)}
+        return DraftTree(
+            tokens=[self.tokens[i] for i in order],
+            parents=[index[self.parents[i]] if i else -1 for i in order],
+            depths=[self.depths[i] for i in order],
+            draft_probs=[float(np.exp(self.log_probs[i])) for i in order],
+        )

@@ -1,0 +1,186 @@
+"""The DGF draft: fusion, cache equivalence, reduced vocabulary, strict checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from draft_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from draft_model.config import DraftConfig, TargetInfo
+from draft_model.device import resolve_device
+from draft_model.model import DraftModel, DynamicGatingFusion, KVCache
+from draft_model.proposer import Proposer, TreeShape
+from draft_model.target_weights import TargetWeights
+from draft_model.vocab import most_frequent_tokens, to_head_index
+
+HIDDEN, VOCAB = 32, 50
+
+
+def tiny_target(seed=0) -> TargetWeights:
+    rng = np.random.default_rng(seed)
+    info = TargetInfo("llama", HIDDEN, VOCAB, "abc123", 1e-5, 4, 2, 10000.0)
+    embedding = rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32)
+    return TargetWeights(info, embedding, embedding)
+
+
+def tiny_model(num_layers=2, draft_vocab=0, seed=0, head_ids=None) -> DraftModel:
+    torch.manual_seed(seed)
+    target = tiny_target()
+    config = DraftConfig.for_target(target.info, num_layers=num_layers, intermediate_size=64,
+                                    draft_vocab_size=draft_vocab)
+    return DraftModel(config, torch.from_numpy(target.embedding),
+                      torch.from_numpy(target.lm_head), head_token_ids=head_ids).eval()
+
+
+def test_dgf_is_a_per_dimension_gate_between_feature_and_embedding():
+    torch.manual_seed(0)
+    fusion = DynamicGatingFusion(HIDDEN, 1e-5)
+    bound = math.sqrt(6 / (HIDDEN + HIDDEN))
+    assert fusion.w1.weight.abs().max() <= bound and fusion.w1.weight.abs().max() > bound / 2
+    assert fusion.w1.bias is None and fusion.wz.weight.shape == (HIDDEN, 2 * HIDDEN)
+    feature, embedding = torch.randn(2, 3, HIDDEN), torch.randn(2, 3, HIDDEN)
+    h1 = fusion.w1(feature)
+    h2 = torch.nn.functional.silu(fusion.w2(fusion.embed_norm(embedding)))
+    gate = torch.sigmoid(fusion.wz(torch.cat((h1, h2), -1)))
+    torch.testing.assert_close(fusion(feature, embedding), gate * h1 + (1 - gate) * h2)
+    assert gate.std(dim=-1).min() > 0  # a vector gate, not a scalar
+    other = torch.sigmoid(fusion.wz(torch.cat((fusion.w1(feature * 2), h2), -1)))
+    assert not torch.allclose(gate, other)  # input-dependent
+
+
+def test_layer_zero_has_no_input_norm():
+    model = tiny_model(num_layers=3)
+    assert isinstance(model.layers[0].input_norm, torch.nn.Identity)
+    assert all(not isinstance(layer.input_norm, torch.nn.Identity) for layer in model.layers[1:])
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fusion", "layers"}
+
+
+@torch.no_grad()
+def test_incremental_decoding_equals_a_full_forward():
+    model = tiny_model()
+    length = 12
+    features = torch.randn(1, length, HIDDEN)
+    tokens = torch.randint(0, VOCAB, (1, length))
+    positions = torch.arange(length)[None]
+    full = model(features, tokens, positions)
+
+    cache = KVCache.allocate(model.config, 32, torch.device("cpu"), torch.float32)
+    pieces, start = [], 0
+    for size in (5, 1, 1, 5):
+        slots = torch.arange(start, start + size)
+        mask = torch.ones(size, start + size, dtype=torch.bool)
+        mask[:, start:] = torch.tril(mask[:, start:])
+        pieces.append(model(features[:, start:start + size], tokens[:, start:start + size],
+                            slots[None], cache, slots, mask))
+        start += size
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_tree_masked_branches_equal_their_own_full_forwards():
+    """Two sibling branches written to the cache side by side, each masked to its own path,
+    give the same outputs as running each path alone."""
+    model = tiny_model()
+    prefix = 6
+    features = torch.randn(1, prefix + 2, HIDDEN)
+    tokens = torch.randint(0, VOCAB, (1, prefix + 2))
+    cache = KVCache.allocate(model.config, 32, torch.device("cpu"), torch.float32)
+    slots = torch.arange(prefix)
+    model(features[:, :prefix], tokens[:, :prefix], slots[None], cache, slots,
+          torch.tril(torch.ones(prefix, prefix, dtype=torch.bool)))
+    # branch A: pair at position `prefix` in slot 6; branch B: a different token in slot 7
+    branch_tokens = torch.tensor([[tokens[0, prefix], (tokens[0, prefix] + 1) % VOCAB]])
+    branch_features = features[:, prefix:prefix + 1].expand(1, 2, HIDDEN)
+    mask = torch.zeros(2, prefix + 2, dtype=torch.bool)
+    mask[:, :prefix] = True
+    mask[0, prefix] = mask[1, prefix + 1] = True
+    out = model(branch_features, branch_tokens, torch.tensor([[prefix, prefix]]), cache,
+                torch.tensor([prefix, prefix + 1]), mask)
+    for branch in range(2):
+        alone_tokens = torch.cat((tokens[:, :prefix], branch_tokens[:, branch:branch + 1]), 1)
+        alone = model(features[:, :prefix + 1], alone_tokens, torch.arange(prefix + 1)[None])
+        torch.testing.assert_close(out[0, branch], alone[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_reduced_vocabulary_maps_head_indices_to_target_ids():
+    counts = np.zeros(VOCAB)
+    counts[[3, 7, 11, 20, 42]] = [50, 40, 30, 20, 10]
+    head_ids = most_frequent_tokens(counts, 4, always=(49,))
+    assert head_ids.tolist() == [3, 7, 11, 49]
+    index = to_head_index(head_ids, VOCAB)
+    assert index[7] == 1 and index[42] == -1
+    full, reduced = tiny_model(), tiny_model(draft_vocab=4, head_ids=head_ids)
+    hidden = torch.randn(5, HIDDEN)
+    torch.testing.assert_close(reduced.head_logits(hidden), full.head_logits(hidden)[:, head_ids])
+    proposer = Proposer(reduced, TreeShape(top_k=3, depth=2, total_tokens=5))
+    state = proposer.new_state(capacity=32)
+    proposer.begin(state, [1, 2, 3], np.random.default_rng(0).standard_normal((3, HIDDEN))
+                   .astype(np.float32), root_token=4)
+    tree = proposer.propose(state, root_token=4)
+    assert set(tree.tokens[1:]) <= set(head_ids.tolist())
+    with pytest.raises(ValueError):
+        tiny_model(draft_vocab=4)  # a reduced head needs its ids
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_model(draft_vocab=4, head_ids=torch.tensor([1, 2, 3, 4]))
+    save_checkpoint(model, tiny_target().info, tmp_path / "draft", training={"steps": 3})
+    loaded = load_checkpoint(tmp_path / "draft", tiny_target())
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_loading_refuses_a_different_target(tmp_path):
+    save_checkpoint(tiny_model(), tiny_target().info, tmp_path / "draft")
+    other = tiny_target()
+    other = TargetWeights(TargetInfo("llama", HIDDEN, VOCAB, "different", 1e-5, 4, 2, 1e4),
+                          other.embedding, other.lm_head)
+    with pytest.raises(CheckpointError, match="tokenizer_fingerprint"):
+        load_checkpoint(tmp_path / "draft", other)
+
+
+def test_loading_refuses_missing_unexpected_and_misshaped_weights(tmp_path):
+    directory = save_checkpoint(tiny_model(), tiny_target().info, tmp_path / "draft")
+    weights = directory / "model.safetensors"
+    original = load_file(str(weights))
+
+    state = dict(original)
+    del state["fusion.wz.weight"]
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=r"missing \['fusion.wz.weight'\]"):
+        load_checkpoint(directory, tiny_target())
+
+    state = dict(original, extra=torch.zeros(1))
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=r"unexpected \['extra'\]"):
+        load_checkpoint(directory, tiny_target())
+
+    state = dict(original)
+    state["fusion.w1.weight"] = torch.zeros(HIDDEN, HIDDEN + 1)
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        load_checkpoint(directory, tiny_target())
+
+    config = json.loads((directory / "config.json").read_text())
+    config["draft"]["num_layerz"] = 2
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="num_layerz"):
+        load_checkpoint(directory, tiny_target())
+    with pytest.raises(CheckpointError, match="not a draft checkpoint"):
+        load_checkpoint(tmp_path, tiny_target())
+
+
+def test_device_selection():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")

@@ -1,0 +1,95 @@
+"""EAGLE-2 tree building on synthetic draft outputs (no model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from draft_model.tree import DraftTree, TreeBuilder
+
+
+def grow(builder: TreeBuilder, depth: int, rng: np.random.Generator) -> None:
+    frontier = builder.add_children([0], *random_children(1, builder.top_k, rng))
+    for _ in range(depth - 1):
+        frontier = builder.add_children(frontier, *random_children(len(frontier),
+                                                                    builder.top_k, rng))
+
+
+def random_children(count: int, top_k: int, rng: np.random.Generator):
+    tokens = rng.integers(0, 50, size=(count, top_k))
+    probs = np.sort(rng.dirichlet(np.ones(top_k + 2), size=count)[:, :top_k], axis=1)[:, ::-1]
+    return tokens, np.log(probs)
+
+
+def ancestors(tree: DraftTree, node: int) -> list[int]:
+    chain = []
+    while node >= 0:
+        chain.append(node)
+        node = tree.parents[node]
+    return chain
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_random_trees_are_well_formed(seed):
+    rng = np.random.default_rng(seed)
+    top_k, depth, total = int(rng.integers(1, 6)), int(rng.integers(1, 7)), int(rng.integers(1, 20))
+    builder = TreeBuilder(root_token=7, top_k=top_k, total_tokens=total)
+    grow(builder, depth, rng)
+    tree = builder.finish()
+
+    assert tree.tokens[0] == 7 and tree.parents[0] == -1 and tree.depths[0] == 0
+    assert len(tree.tokens) == min(total, len(builder.tokens))
+    for node in range(1, len(tree.tokens)):
+        parent = tree.parents[node]
+        assert 0 <= parent < node  # parents precede children
+        assert tree.depths[node] == tree.depths[parent] + 1
+        assert 0 < tree.draft_probs[node] <= 1
+    # every selected node's path is selected, and the selection is the best-scoring set
+    def score(node):
+        return sum(np.log(tree.draft_probs[a]) for a in ancestors(tree, node))
+
+    selected_scores = sorted((score(n) for n in range(1, len(tree.tokens))), reverse=True)
+    all_scores = sorted(builder.scores[1:], reverse=True)
+    np.testing.assert_allclose(selected_scores, all_scores[: len(selected_scores)], rtol=1e-9)
+
+
+def test_ancestors_are_kept_even_on_ties():
+    builder = TreeBuilder(root_token=1, top_k=2, total_tokens=3)
+    frontier = builder.add_children([0], np.array([[10, 11]]), np.log(np.array([[1.0, 1e-9]])))
+    builder.add_children(frontier, np.array([[20, 21], [30, 31]]),
+                         np.log(np.array([[1.0, 1e-9], [0.5, 0.5]])))
+    tree = builder.finish()
+    # 10 (score 0) and its child 20 (score 0) tie; the parent must come with the child
+    assert tree.tokens == [1, 10, 20]
+    assert tree.parents == [-1, 0, 1]
+
+
+def test_chain_mode_is_a_chain_of_top_tokens():
+    builder = TreeBuilder(root_token=5, top_k=1, total_tokens=4)
+    frontier = [0]
+    for token in (6, 7, 8, 9):
+        frontier = builder.add_children(frontier, np.array([[token]]), np.array([[-0.1]]))
+    tree = builder.finish()
+    assert tree.tokens == [5, 6, 7, 8]
+    assert tree.parents == [-1, 0, 1, 2]
+    assert tree.depths == [0, 1, 2, 3]
+
+
+def test_frontier_is_the_best_top_k_new_candidates():
+    builder = TreeBuilder(root_token=0, top_k=2, total_tokens=10)
+    frontier = builder.add_children([0], np.array([[1, 2]]), np.log(np.array([[0.6, 0.3]])))
+    assert [builder.tokens[n] for n in frontier] == [1, 2]
+    frontier = builder.add_children(frontier, np.array([[3, 4], [5, 6]]),
+                                    np.log(np.array([[0.5, 0.1], [0.9, 0.05]])))
+    # scores: 3: .30, 4: .06, 5: .27, 6: .015
+    assert [builder.tokens[n] for n in frontier] == [3, 5]
+
+
+def test_attention_mask_sees_exactly_the_ancestors():
+    tree = DraftTree(tokens=[1, 2, 3, 4, 5], parents=[-1, 0, 0, 1, 3], depths=[0, 1, 1, 2, 3],
+                     draft_probs=[1.0] * 5)
+    mask = tree.attention_mask()
+    expected = np.zeros((5, 5), dtype=bool)
+    for node in range(5):
+        expected[node, ancestors(tree, node)] = True
+    np.testing.assert_array_equal(mask, expected)
