@@ -96,6 +96,6 @@ def train_steps(model: DraftModel, batches: Iterator[Batch], num_steps: int,
         torch.nn.utils.clip_grad_value_(model.parameters(), config.grad_clip_value)
         optimizer.step()
         scheduler.step()
-        losses.append(float(output.loss))
+        losses.append(float(output.loss.detach()))
     model.eval()
     return losses

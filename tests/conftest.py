@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from verifier.default_model import default_model_path
@@ -130,4 +129,6 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def client(server):
+    import openai  # only the API tests need the client
+
     return openai.OpenAI(base_url=server.v1, api_key=server.api_key, max_retries=0, timeout=120)
