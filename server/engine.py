@@ -89,7 +89,9 @@ class Engine:
     def step(self) -> None:
         self._admit()
         for sequence in self._active:
-            if sequence.cancelled.is_set():
+            if sequence.is_finished:  # ended at its prefill (max_tokens=1, EOS, cancelled)
+                pass
+            elif sequence.cancelled.is_set():
                 sequence.finish("cancelled")
             else:
                 self._guarded(self._advance, sequence)

@@ -9,7 +9,6 @@ last accepted one. Each step emits accepted + bonus, and the bonus becomes the n
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,7 +71,6 @@ class Sequence:
     num_verify_steps: int = 0  # target passes that chose tokens (the prefill included)
     num_drafted: int = 0
     num_accepted: int = 0
-    submitted_at: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -94,7 +92,7 @@ class Sequence:
     def add_token(self, token: int, tokenizer: Tokenizer) -> None:
         """Record one token chosen by the target; decides whether the sequence ends."""
         if tokenizer.is_end_of_generation(token):
-            self._finish("stop")
+            self.finish("stop")
             return
         if self._detokenizer is None:
             self._detokenizer = IncrementalDetokenizer(tokenizer)
@@ -105,16 +103,16 @@ class Sequence:
         if hit_stop:
             self.finish_reason = "stop"
         elif len(self.output_tokens) >= self.max_new_tokens:
-            self._finish("length")
-
-    def finish(self, reason: str) -> None:
-        self._finish(reason)
+            self.finish("length")
 
     def fail(self, message: str) -> None:
         self._error = message
-        self._finish("error")
+        self.finish("error")
 
-    def _finish(self, reason: str) -> None:
+    def finish(self, reason: str) -> None:
+        """End the sequence: emit the text held back for UTF-8 or stop strings."""
+        if self.is_finished:
+            return
         if self._detokenizer is not None:
             text, hit_stop = self._stops.push(self._detokenizer.flush())
             self._pending_text.append(text if hit_stop else text + self._stops.flush())

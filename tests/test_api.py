@@ -300,3 +300,15 @@ def test_a_draft_for_another_model_is_refused_at_start(tmp_path):
     (directory / "config.json").write_text(json_module.dumps({"format": "something-else"}))
     with pytest.raises(RuntimeError, match="server exited"):
         start_server("--draft", str(directory))
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2])
+def test_tiny_max_tokens_give_exactly_that_many_tokens(client, max_tokens):
+    response = client.completions.create(model="m", prompt="Once upon a time", temperature=0,
+                                         max_tokens=max_tokens)
+    assert response.usage.completion_tokens == max_tokens
+    assert response.choices[0].finish_reason == "length"
+    streamed = client.chat.completions.create(
+        model="m", messages=MESSAGES[0], temperature=0, max_tokens=max_tokens, stream=True,
+        stream_options={"include_usage": True})
+    assert list(streamed)[-1].usage.completion_tokens == max_tokens

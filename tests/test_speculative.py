@@ -254,3 +254,53 @@ def test_quantized_target_diverges_only_at_near_ties(q4_target, trained_draft):
         top2 = np.sort(logits)[-2:]
         assert top2[1] - top2[0] < 1.0, f"{text}: diverged at {cut} without a near-tie"
     assert num_identical >= len(prompts) // 2
+
+
+class RecordingProposer(Proposer):
+    """Keeps every tree it proposes, so a test can replay the same batches."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.trees = []
+
+    def propose(self, state, root_token):
+        tree = super().propose(state, root_token)
+        self.trees.append(tree)
+        return tree
+
+
+def replay_greedy(target, prompt, trees, max_new):
+    """An independent reference: evaluate exactly the recorded trees on a fresh slot and
+    accept with a plain argmax walk; return the tokens that yields."""
+    slot = target.acquire_slot()
+    tokens = [int(np.argmax(target.prefill(slot, prompt).last_logits))]
+    for tree in trees:
+        assert tree.tokens[0] == tokens[-1]
+        logits = target.verify_tree(slot, tree.tokens, tree.parents).logits
+        path = [0]
+        while True:
+            choice = int(np.argmax(logits[path[-1]]))
+            child = next((i for i, parent in enumerate(tree.parents)
+                          if parent == path[-1] and tree.tokens[i] == choice), None)
+            if child is None:
+                break
+            path.append(child)
+        target.commit(slot, path)
+        tokens += [tree.tokens[i] for i in path[1:]] + [choice]
+    target.release_slot(slot)
+    ends = [i for i, t in enumerate(tokens) if target.tokenizer.is_end_of_generation(t)]
+    return tokens[: ends[0]] if ends else tokens[:max_new]
+
+
+@pytest.mark.slow
+def test_quantized_target_equals_a_reference_evaluating_the_same_batches(q4_target,
+                                                                         trained_draft):
+    """Q4_1: speculative output is exactly what the target's batched evaluation of the same
+    trees says — the property llama.cpp's own speculative decoding has."""
+    for text, max_new in PROMPTS[4:12]:
+        proposer = RecordingProposer(trained_draft, TREE)
+        sequence = generate(Engine(q4_target, proposer), [(text, max_new)])[0]
+        assert sum(tree.num_drafted for tree in proposer.trees) > 0
+        reference = replay_greedy(q4_target, prompt_tokens(q4_target, text), proposer.trees,
+                                  max_new)
+        assert sequence.output_tokens == reference, text
