@@ -82,22 +82,22 @@ class Proposer:
         builder = TreeBuilder(root_token, shape.top_k, shape.total_tokens)
         depth = min(shape.depth, shape.total_tokens - 1)
         frontier = builder.add_children([0], *self._top_children(hidden[None]))
-        # candidate id → (draft output that proposed it, its scratch slot once expanded)
-        proposer_hidden = {node: hidden for node in frontier}
-        slot_of: dict[int, int] = {}
+        proposer_hidden = {node: hidden for node in frontier}  # node → output that proposed it
+        slot_of: dict[int, int] = {}  # expanded node → its scratch cache slot
         next_slot = committed
         for level in range(2, depth + 1):
-            slots = torch.arange(next_slot, next_slot + len(frontier), device=self.device)
+            first_slot = next_slot
             next_slot += len(frontier)
-            for node, slot in zip(frontier, slots.tolist(), strict=True):
-                slot_of[node] = slot
-            mask = torch.zeros(len(frontier), next_slot, dtype=torch.bool, device=self.device)
+            mask = np.zeros((len(frontier), next_slot), dtype=bool)  # built on the host
             mask[:, :committed] = True
             for row, node in enumerate(frontier):
+                slot_of[node] = first_slot + row
                 ancestor = node
                 while ancestor > 0:
                     mask[row, slot_of[ancestor]] = True
                     ancestor = builder.parents[ancestor]
+            slots = torch.arange(first_slot, next_slot, device=self.device)
+            mask = torch.from_numpy(mask).to(self.device)
             features = torch.stack([proposer_hidden[node] for node in frontier])[None]
             tokens = torch.tensor([[builder.tokens[node] for node in frontier]], device=self.device)
             positions = torch.tensor([[committed - 1 + level - 1] * len(frontier)],
