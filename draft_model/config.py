@@ -46,10 +46,6 @@ class DraftConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    @property
-    def head_vocab_size(self) -> int:
-        return self.draft_vocab_size or self.vocab_size
-
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be a multiple of num_heads")

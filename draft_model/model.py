@@ -186,6 +186,3 @@ class DraftModel(nn.Module):
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., H] → [..., K] scores over the head vocabulary (see `head_token_ids`)."""
         return hidden @ self.lm_head.T
-
-    def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)

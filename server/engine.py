@@ -89,11 +89,9 @@ class Engine:
     def step(self) -> None:
         self._admit()
         for sequence in self._active:
-            if sequence.is_finished:  # ended at its prefill (max_tokens=1, EOS, cancelled)
-                pass
-            elif sequence.cancelled.is_set():
-                sequence.finish("cancelled")
-            else:
+            if sequence.cancelled.is_set():
+                sequence.finish("cancelled")  # no-op for a sequence already finished
+            if not sequence.is_finished:  # it may have ended at its prefill (max_tokens=1)
                 self._guarded(self._advance, sequence)
             self._emit(sequence)
         self._retire()

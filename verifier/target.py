@@ -15,7 +15,6 @@ and its post-final-norm hidden state (the feature the draft model reads).
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
 from collections.abc import Sequence
@@ -152,18 +151,7 @@ class Target:
         self._batch = _Batch(batch_capacity, num_seq_max)
         self._slots = [_Slot() for _ in range(config.num_slots)]
 
-    # -- metadata ---------------------------------------------------------------------------
-
-    def metadata(self, key: str) -> str | None:
-        size = 256
-        while True:
-            buffer = ctypes.create_string_buffer(size)
-            count = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buffer, size)
-            if count < 0:
-                return None
-            if count < size:
-                return buffer.value.decode("utf-8", errors="replace")
-            size = count + 1
+    # -- chat template --------------------------------------------------------------------
 
     def _load_chat_template(self) -> ChatTemplate | None:
         source = llama_cpp.llama_model_chat_template(self._model, None)
