@@ -24,10 +24,12 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(model: DraftModel, target: TargetInfo, directory: Path | str,
-                    training: dict | None = None) -> Path:
+                    training: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    """Weights are stored in `dtype` (half by default: the draft runs in half precision on a
+    GPU, and it halves the file)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point()
+    state = {name: tensor.detach().to("cpu", dtype if tensor.is_floating_point()
                                       else tensor.dtype).contiguous()
              for name, tensor in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE))

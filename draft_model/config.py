@@ -41,6 +41,7 @@ class DraftConfig:
     rms_norm_eps: float = 1e-5
     max_positions: int = 8192
     draft_vocab_size: int = 0  # 0: the head scores the full target vocabulary
+    fusion: str = "dgf"  # "dgf" (Dovetail) or "concat" (EAGLE's fc(concat(e, f)), ablation)
 
     @property
     def head_dim(self) -> int:
@@ -53,6 +54,8 @@ class DraftConfig:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
             raise ValueError("draft_vocab_size must be in 0..vocab_size")
+        if self.fusion not in ("dgf", "concat"):
+            raise ValueError(f"fusion must be 'dgf' or 'concat', not {self.fusion!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -47,6 +47,17 @@ class DynamicGatingFusion(nn.Module):
         return gate * h1 + (1 - gate) * h2
 
 
+class ConcatFusion(nn.Module):
+    """EAGLE's input: x = fc(concat(e, f)) with a bias (kept for the ablation)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+
+    def forward(self, feature: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat((embedding, feature), dim=-1))
+
+
 def rope_tables(config: DraftConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin for rotate-half RoPE at the given positions: [..., head_dim] each."""
     dim = config.head_dim
@@ -166,7 +177,8 @@ class DraftModel(nn.Module):
         self.register_buffer("lm_head", lm_head.detach().clone(), persistent=False)  # [K, H]
         # head index → target token id (the identity for a full head); saved with the weights
         self.register_buffer("head_token_ids", head_token_ids.long().clone())
-        self.fusion = DynamicGatingFusion(config.hidden_size, config.rms_norm_eps)
+        self.fusion = DynamicGatingFusion(config.hidden_size, config.rms_norm_eps) \
+            if config.fusion == "dgf" else ConcatFusion(config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, has_input_norm=i > 0)
                                     for i in range(config.num_layers))
 

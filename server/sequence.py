@@ -71,6 +71,7 @@ class Sequence:
     num_verify_steps: int = 0  # target passes that chose tokens (the prefill included)
     num_drafted: int = 0
     num_accepted: int = 0
+    accepted_lengths: list[int] = field(default_factory=list)  # per step that drafted
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -88,6 +89,8 @@ class Sequence:
         self.num_verify_steps += 1
         self.num_drafted += num_drafted
         self.num_accepted += num_accepted
+        if num_drafted:
+            self.accepted_lengths.append(num_accepted)
 
     def add_token(self, token: int, tokenizer: Tokenizer) -> None:
         """Record one token chosen by the target; decides whether the sequence ends."""

@@ -1,0 +1,232 @@
+"""Training data from the real default target: the PyTorch port, feature collection,
+the training and evaluation scripts, and the shipped draft."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from draft_model.checkpoint import load_checkpoint, read_checkpoint_config
+from draft_model.features import FeatureShard, load_split, shard_paths
+from draft_model.proposer import Proposer, TreeShape
+from draft_model.sequences import SequenceSet
+from draft_model.shipped import SHIPPED_DRAFT
+from draft_model.target_weights import read_target_weights
+from draft_model.torch_target import TorchTarget
+from server.engine import Engine
+from server.sequence import Sequence
+from tests.conftest import NUM_THREADS, make_target
+from verifier.sampling import SamplingParams
+
+PROMPTS = ["Write a Python function that reverses a string.",
+           "What is the capital of France? Answer in one sentence.",
+           "List three colours."]
+
+
+@pytest.fixture(scope="module")
+def torch_target(default_model):
+    return TorchTarget.load(default_model)
+
+
+def chat_tokens(target, text):
+    return target.tokenizer.encode(target.chat_template.render([{"role": "user",
+                                                                  "content": text}]))
+
+
+def greedy_llama(target, prompt, count):
+    slot = target.acquire_slot()
+    try:
+        logits, tokens = target.prefill(slot, prompt).last_logits, []
+        for _ in range(count):
+            tokens.append(int(np.argmax(logits)))
+            logits = target.decode(slot, tokens[-1]).logits[0]
+            target.commit(slot, [0])
+    finally:
+        target.release_slot(slot)
+    return tokens
+
+
+def test_the_pytorch_port_computes_the_targets_features(q4_target, torch_target):
+    prompt = chat_tokens(q4_target, PROMPTS[0])
+    slot = q4_target.acquire_slot()
+    try:
+        expected = q4_target.prefill(slot, prompt).features
+    finally:
+        q4_target.release_slot(slot)
+    features = torch_target.forward(torch.tensor([prompt]))[0].numpy()
+    cosine = (features * expected).sum(-1) / np.linalg.norm(features, axis=-1) \
+        / np.linalg.norm(expected, axis=-1)
+    assert cosine.min() > 0.99 and np.median(cosine) > 0.998
+    assert torch_target.generate_greedy([prompt], 24, set())[0] == greedy_llama(q4_target,
+                                                                                 prompt, 24)
+
+
+def test_batched_left_padded_generation_equals_generating_alone(q4_target, torch_target):
+    prompts = [chat_tokens(q4_target, text) for text in PROMPTS]
+    assert len({len(p) for p in prompts}) > 1  # really padded
+    stop = {q4_target.tokenizer.encode("<|im_end|>")[0]}
+    together = torch_target.generate_greedy(prompts, 40, stop)
+    alone = [torch_target.generate_greedy([p], 40, stop)[0] for p in prompts]
+    assert together == alone
+    assert any(len(answer) < 40 and answer[-1] in stop for answer in together)
+
+
+def write_sharegpt(path, count=4):
+    records = [{"id": f"conv{i}", "conversations": [
+        {"from": "human", "value": PROMPTS[i % len(PROMPTS)]},
+        {"from": "gpt", "value": f"Answer number {i}: " + "here it is. " * (i + 1)},
+        {"from": "human", "value": "Thanks, and once more?"},
+        {"from": "gpt", "value": "Sure."}]} for i in range(count)]
+    text = json.dumps(records)
+    path.write_text(text[:-40])  # cut off like the packaged file: the last record is lost
+    return records[:-1]
+
+
+def run_script(*args, timeout=900):
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    root = tmp_path_factory.mktemp("collect")
+    write_sharegpt(root / "sharegpt.json")
+    common = ["--sharegpt", str(root / "sharegpt.json"), "--heldout-percent", "34",
+              "--threads", str(NUM_THREADS), "--shard-size", "1"]
+    run_script("scripts/collect_features.py", "--out", str(root / "sharegpt"), *common)
+    run_script("scripts/collect_features.py", "--out", str(root / "distil"), "--source",
+               "self-distill", "--max-new-tokens", "12", *common)
+    run_script("scripts/collect_features.py", "--out", str(root / "prompts"), "--prompts-only",
+               *common)
+    return root
+
+
+def test_shards_hold_tokens_masks_and_the_targets_features(collected, q4_target):
+    paths = shard_paths(collected / "sharegpt", "train") + shard_paths(collected / "sharegpt",
+                                                                       "heldout")
+    assert len(paths) == 3  # three complete conversations, one per shard
+    for path in paths:
+        shard = FeatureShard.load(path)
+        tokens, mask = shard.sequences[0]
+        assert shard.features.dtype == np.float16
+        assert shard.features.shape == (len(tokens), 576)
+        assert tokens.dtype == np.int32 and mask.dtype == np.uint8
+        # mask: the two assistant turns, nothing of the prompts
+        trained = [int(t) for t, m in zip(tokens, mask, strict=True) if m]
+        text = q4_target.tokenizer.decode(trained)
+        assert text.startswith("Answer number") and "Sure." in text and "Thanks" not in text
+        end_of_turn = q4_target.tokenizer.encode("<|im_end|>")[0]
+        assert trained.count(end_of_turn) == 2  # each answer's end is learnt too
+        # row t is the feature of token t (llama.cpp, teacher-forced)
+        slot = q4_target.acquire_slot()
+        try:
+            expected = q4_target.prefill(slot, tokens.tolist()).features
+        finally:
+            q4_target.release_slot(slot)
+        np.testing.assert_allclose(shard.features.astype(np.float32), expected, atol=0.02,
+                                   rtol=0.01)
+
+
+def test_self_distilled_shards_hold_the_targets_greedy_answers(collected, q4_target):
+    shard = load_split(collected / "distil", "train")
+    for tokens, mask in shard.sequences:
+        start = int(np.argmax(mask))
+        assert mask[start:].all() and not mask[:start].any()
+        prompt, answer = tokens[:start].tolist(), tokens[start:].tolist()
+        assert len(answer) <= 12
+        assert answer == greedy_llama(q4_target, prompt, len(answer))
+    assert shard.features.shape[0] == shard.sequences.tokens.shape[0]
+
+
+def test_collection_resumes_by_skipping_written_shards(collected):
+    directory = collected / "sharegpt"
+    paths = shard_paths(directory, "train")
+    stamps = {path: path.stat().st_mtime_ns for path in paths}
+    removed = paths[0]
+    content = FeatureShard.load(removed)
+    removed.unlink()
+    run_script("scripts/collect_features.py", "--out", str(directory), "--sharegpt",
+               str(collected / "sharegpt.json"), "--heldout-percent", "34", "--threads",
+               str(NUM_THREADS), "--shard-size", "1")
+    assert all(path.stat().st_mtime_ns == stamps[path] for path in paths[1:])
+    again = FeatureShard.load(removed)
+    assert np.array_equal(again.sequences.tokens, content.sequences.tokens)
+    np.testing.assert_allclose(again.features, content.features, atol=1e-3)
+
+
+def test_train_and_evaluate_scripts_end_to_end(collected, default_model):
+    out = collected / "run"
+    run_script("scripts/train_draft.py", "--out", str(out), "--features",
+               str(collected / "distil"), "--eval-prompts", str(collected / "prompts"),
+               "--eval-heldout", "1", "--eval-humaneval", "1", "--eval-new-tokens", "8",
+               "--layers", "1", "--draft-vocab", "256", "--max-steps", "3", "--device", "cpu",
+               "--threads", str(NUM_THREADS), "--batch-tokens", "512")
+    config, _, training = read_checkpoint_config(out / "draft")
+    assert config.num_layers == 1 and config.draft_vocab_size == 256
+    assert training["steps"] == 3
+    model = load_checkpoint(out / "draft", read_target_weights(default_model))
+    assert model.head_token_ids.shape == (256,)
+    results = json.loads((out / "eval.json").read_text())
+    assert set(results) == {"heldout_chain", "heldout_tree", "humaneval_chain", "humaneval_tree"}
+    assert all(r["tau"] >= 1.0 and r["tokens"] == 7 for r in results.values())
+    # the real-engine evaluation runs this checkpoint against plain decoding
+    report = collected / "eval_draft.json"
+    run_script("scripts/eval_draft.py", "--draft", str(out / "draft"), "--count", "1",
+               "--max-tokens", "8", "--shapes", "chain=1,2,3", "tree=2,2,4", "--draft-device",
+               "cpu", "--threads", str(NUM_THREADS), "--out", str(report))
+    engine_results = json.loads(report.read_text())["results"]
+    assert set(engine_results) == {"plain", "chain", "tree"}
+    assert engine_results["plain"]["tau"] <= 1.0
+    assert all(r["completion_tokens"] == 8 and r["tau"] >= 8 / 9
+               for r in engine_results.values())
+    assert report.with_suffix(".md").read_text().startswith("| mode | τ |")
+    # resuming a finished run adds nothing
+    run_script("scripts/train_draft.py", "--out", str(out), "--features",
+               str(collected / "distil"), "--layers", "1", "--draft-vocab", "256",
+               "--max-steps", "3", "--device", "cpu", "--batch-tokens", "512")
+    assert read_checkpoint_config(out / "draft")[2]["steps"] == 3
+
+
+def test_the_shipped_draft_fits_the_default_model_and_is_accepted(default_model):
+    config, _, training = read_checkpoint_config(SHIPPED_DRAFT)
+    assert config.fusion == "dgf" and training["tokens_seen"] > 1_000_000
+    size = sum(f.stat().st_size for f in SHIPPED_DRAFT.iterdir())
+    assert size <= 40 * 2**20
+    draft = load_checkpoint(SHIPPED_DRAFT, read_target_weights(default_model))
+    target = make_target(default_model, num_slots=1, max_tree_nodes=16, max_tree_branches=16)
+    try:
+        engine = Engine(target, Proposer(draft, TreeShape(top_k=8, depth=7, total_tokens=16)))
+        prompt = chat_tokens(target, "Complete this Python function:\n"
+                                     "def add(a: int, b: int) -> int:\n"
+                                     '    """Return the sum of a and b."""\n')
+        sequence = Sequence(prompt, SamplingParams(temperature=0), 48, [],
+                            sink=lambda event: None)
+        engine.submit(sequence)
+        while not sequence.is_finished:
+            engine.step()
+    finally:
+        target.close()
+    tau = len(sequence.output_tokens) / sequence.num_verify_steps
+    assert sequence.num_accepted > 0 and tau > 1.5
+
+
+def test_tokens_only_sets_train_with_features_from_the_port(collected, tmp_path):
+    prompts = SequenceSet.load(collected / "prompts" / "train.npz")
+    assert len(prompts) >= 1 and not prompts.mask.any()
+    run_script("scripts/collect_features.py", "--out", str(tmp_path / "tokens"),
+               "--from-prompts", str(collected / "prompts"), "--backend", "torch",
+               "--tokens-only", "--max-new-tokens", "6", "--device", "cpu")
+    answers = SequenceSet.load(tmp_path / "tokens" / "train.npz")
+    assert len(answers) == len(prompts)
+    assert all(0 < int(m.sum()) <= 6 for _, m in answers)
+    run_script("scripts/train_draft.py", "--out", str(tmp_path / "run"), "--tokens",
+               str(tmp_path / "tokens" / "train.npz"), "--layers", "1", "--max-steps", "2",
+               "--device", "cpu", "--batch-tokens", "256", "--fusion", "concat")
+    assert read_checkpoint_config(tmp_path / "run" / "draft")[0].fusion == "concat"
