@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from draft_model.checkpoint import load_checkpoint
 from draft_model.device import default_dtype, resolve_device
 from draft_model.proposer import Proposer, TreeShape
+from draft_model.shipped import SHIPPED_DRAFT
 from draft_model.target_weights import read_target_weights
 from server.engine import Engine
 from server.errors import APIError, error_response, install_error_handlers
+from server.metrics import CONTENT_TYPE, Metrics
 from server.prompts import (
     chat_prompt_tokens,
     completion_budget,
@@ -36,8 +40,27 @@ log = logging.getLogger("dovetail.server")
 DISCONNECT_POLL_SECONDS = 0.25
 
 
+def draft_checkpoint(settings: Settings) -> Path | None:
+    """The draft to load, or None for plain decoding.
+
+    'auto' drafts only where it is known to pay: the shipped draft with the default target
+    and the draft on a GPU. On a CPU-only machine the shipped draft's full-vocabulary head
+    costs more per step than the target saves (see docs/draft-model-card.md).
+    """
+    if settings.draft == "none":
+        return None
+    if settings.draft == "shipped":
+        return SHIPPED_DRAFT
+    if settings.draft == "auto":
+        uses_default_model = settings.model is None
+        on_gpu = resolve_device(settings.draft_device).type == "cuda"
+        return SHIPPED_DRAFT if uses_default_model and on_gpu else None
+    return Path(settings.draft)
+
+
 def build_engine(settings: Settings) -> Engine:
-    drafting = settings.draft != "none"
+    checkpoint = draft_checkpoint(settings)
+    drafting = checkpoint is not None
     tree_tokens = settings.draft_tokens if drafting else 1
     target = Target(TargetConfig(
         model_path=settings.model_path,
@@ -52,11 +75,11 @@ def build_engine(settings: Settings) -> Engine:
     if not drafting:
         return Engine(target)
     device = resolve_device(settings.draft_device)
-    model = load_checkpoint(settings.draft, read_target_weights(settings.model_path), device,
+    model = load_checkpoint(checkpoint, read_target_weights(settings.model_path), device,
                             default_dtype(device))
     shape = TreeShape(top_k=settings.draft_top_k, depth=settings.draft_depth,
                       total_tokens=settings.draft_tokens)
-    log.info("draft %s on %s: %s", settings.draft, device, shape)
+    log.info("draft %s on %s: %s", checkpoint, device, shape)
     return Engine(target, Proposer(model, shape))
 
 
@@ -81,6 +104,8 @@ def create_app(settings: Settings,
     app = FastAPI(title="Dovetail", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     model_name = settings.served_model_name
+    metrics = app.state.metrics = Metrics()
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     async def authorized(request: Request) -> None:
         if settings.api_key is None:
@@ -95,7 +120,19 @@ def create_app(settings: Settings,
         engine: Engine | None = request.app.state.engine
         if engine is None:
             raise APIError(503, "the model is still loading", headers={"Retry-After": "5"})
+        if engine.num_waiting >= settings.max_queue:
+            raise APIError(429, f"the server is busy: {engine.num_waiting} requests are "
+                           "waiting for a slot; retry later", code="server_busy",
+                           headers={"Retry-After": "1"})
         return engine
+
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request) -> Response:
+        engine: Engine | None = request.app.state.engine
+        if engine is not None:
+            metrics.waiting.set(engine.num_waiting)
+            metrics.running.set(engine.num_active)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -139,6 +176,27 @@ def create_app(settings: Settings,
     return app
 
 
+class _CountRequests:
+    """ASGI middleware: count responses by route template and status (not BaseHTTPMiddleware,
+    which would get between the endpoints and their client-disconnect checks)."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "other")
+                self.metrics.requests.labels(route=route, status=str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def _engine_ready(app: FastAPI, task: asyncio.Task) -> None:
     if task.cancelled():
         return
@@ -148,13 +206,41 @@ def _engine_ready(app: FastAPI, task: asyncio.Task) -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # a server that cannot serve should not linger
         return
     engine: Engine = task.result()
+    engine.metrics = app.state.metrics
     engine.start()
     app.state.engine = engine
     log.info("model loaded; ready")
 
 
+class _RequestClock:
+    """Arrival, first token and end of one request: its metrics and its log line."""
+
+    def __init__(self, metrics: Metrics, request_id: str) -> None:
+        self.metrics, self.request_id = metrics, request_id
+        self.arrival = time.monotonic()
+        self.first_token: float | None = None
+
+    def event(self, event: SequenceEvent) -> None:
+        if self.first_token is None and (event.text or event.usage is not None):
+            self.first_token = time.monotonic() - self.arrival
+
+    def finish(self, sequence: Sequence, status: str) -> None:
+        total = time.monotonic() - self.arrival
+        completion = len(sequence.output_tokens)
+        self.metrics.observe_request(len(sequence.prompt_tokens), completion,
+                                     self.first_token, total)
+        steps = sequence.num_verify_steps
+        log.info(json.dumps({
+            "request_id": self.request_id, "status": status,
+            "prompt_tokens": len(sequence.prompt_tokens), "completion_tokens": completion,
+            "tau": round(completion / steps, 3) if steps else None,
+            "ttft_s": None if self.first_token is None else round(self.first_token, 4),
+            "latency_s": round(total, 4)}))
+
+
 async def _generate(engine: Engine, request: Request, body: SamplingFields,
                     prompt: list[int], budget: int, fmt: ResponseFormat, prefix: str):
+    clock = _RequestClock(request.app.state.metrics, fmt.id)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[SequenceEvent] = asyncio.Queue()
     sequence = Sequence(
@@ -167,19 +253,22 @@ async def _generate(engine: Engine, request: Request, body: SamplingFields,
     )
     engine.submit(sequence)
     if body.stream:
-        return StreamingResponse(_stream(engine, sequence, events, fmt, prefix),
+        return StreamingResponse(_stream(engine, sequence, events, fmt, prefix, clock),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    return await _collect(engine, sequence, events, request, fmt, prefix)
+    return await _collect(engine, sequence, events, request, fmt, prefix, clock)
 
 
 async def _collect(engine: Engine, sequence: Sequence, events: asyncio.Queue,
-                   request: Request, fmt: ResponseFormat, prefix: str) -> JSONResponse:
+                   request: Request, fmt: ResponseFormat, prefix: str,
+                   clock: _RequestClock) -> JSONResponse:
     watcher = asyncio.create_task(_cancel_on_disconnect(engine, sequence, request))
     pieces = [prefix]
+    event = SequenceEvent(finish_reason="cancelled")
     try:
         while True:
-            event: SequenceEvent = await events.get()
+            event = await events.get()
+            clock.event(event)
             pieces.append(event.text)
             if event.finish_reason is not None:
                 break
@@ -187,6 +276,8 @@ async def _collect(engine: Engine, sequence: Sequence, events: asyncio.Queue,
         watcher.cancel()
         if not sequence.is_finished:
             engine.cancel(sequence)
+        clock.finish(sequence, "error" if event.error is not None
+                     else event.finish_reason or "cancelled")
     if event.error is not None:
         return error_response(APIError(500, event.error))
     return JSONResponse(fmt.full("".join(pieces), event.finish_reason, event.usage))
@@ -202,16 +293,18 @@ async def _cancel_on_disconnect(engine: Engine, sequence: Sequence, request: Req
 
 
 async def _stream(engine: Engine, sequence: Sequence, events: asyncio.Queue,
-                  fmt: ResponseFormat, prefix: str) -> AsyncIterator[str]:
+                  fmt: ResponseFormat, prefix: str, clock: _RequestClock) -> AsyncIterator[str]:
     """SSE: role chunk, text chunks, finish chunk, optional usage chunk, [DONE].
 
     If the client goes away, Starlette stops iterating and `finally` cancels the sequence.
     """
+    status = "cancelled"
     try:
         if fmt.kind == "chat" or prefix:
             yield fmt.chunk(prefix, is_first=True)
         while True:
             event: SequenceEvent = await events.get()
+            clock.event(event)
             if event.text:
                 yield fmt.chunk(event.text)
             if event.finish_reason is None:
@@ -223,8 +316,10 @@ async def _stream(engine: Engine, sequence: Sequence, events: asyncio.Queue,
                 yield fmt.chunk("", finish_reason=event.finish_reason)
                 if fmt.include_usage:
                     yield fmt.usage_chunk(event.usage)
+            status = "error" if event.error is not None else event.finish_reason
             yield SSE_DONE
             return
     finally:
         if not sequence.is_finished:
             engine.cancel(sequence)
+        clock.finish(sequence, status)

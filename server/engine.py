@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, deque
 
 import numpy as np
 
 from draft_model.proposer import Proposer
 from draft_model.tree import DraftTree
+from server.metrics import Metrics
 from server.sequence import Sequence, SequenceEvent
 from verifier.acceptance import Acceptance, accept_greedy, accept_sampled
 from verifier.sampling import adjust_logits, choose_token, target_probs
@@ -24,9 +26,11 @@ log = logging.getLogger("dovetail.engine")
 
 
 class Engine:
-    def __init__(self, target: Target, proposer: Proposer | None = None) -> None:
+    def __init__(self, target: Target, proposer: Proposer | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.target = target
         self.proposer = proposer
+        self.metrics = metrics
         self.tokenizer = target.tokenizer
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
@@ -123,10 +127,12 @@ class Engine:
 
     def _advance(self, sequence: Sequence) -> None:
         """One verification step: draft a tree, verify it, accept, commit both sides, emit."""
+        started = time.perf_counter()
         if self.proposer is None:
             tree = DraftTree.root_only(sequence.root_token)
         else:
             tree = self.proposer.propose(sequence.draft_state, sequence.root_token)
+        drafted = time.perf_counter()
         output = self.target.verify_tree(sequence.slot, tree.tokens, tree.parents)
         acceptance = self._accept(sequence, tree, output)
         self.target.commit(sequence.slot, acceptance.path)
@@ -136,6 +142,9 @@ class Engine:
             self.proposer.commit(sequence.draft_state, output.features[acceptance.path],
                                  new_tokens)
         sequence.record_step(num_drafted=tree.num_drafted, num_accepted=acceptance.num_accepted)
+        if self.metrics is not None:
+            self.metrics.observe_step(tree.num_drafted, acceptance.num_accepted,
+                                      drafted - started, time.perf_counter() - drafted)
         sequence.root_token = acceptance.bonus_token
         for token in new_tokens:
             sequence.add_token(token, self.tokenizer)

@@ -28,7 +28,10 @@ class Settings(BaseSettings):
     model_name: str | None = Field(
         None, description="Model id reported by /v1/models (default: the GGUF file's stem)."
     )
-    draft: str = Field("none", description="Draft checkpoint folder, or 'none' for plain decoding.")
+    draft: str = Field(
+        "auto", description="Draft checkpoint folder; 'shipped' (the draft trained for the "
+        "default model); 'auto' (the shipped one when the target is the default model and a "
+        "GPU is present, else none); or 'none' for plain decoding.")
     draft_top_k: int = Field(4, ge=1, le=32, description="Children per expanded draft node.")
     draft_depth: int = Field(5, ge=1, le=32, description="Levels of the draft tree below the root.")
     draft_tokens: int = Field(
@@ -53,13 +56,16 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(
         4, ge=1, le=64, description="Requests decoded at the same time (one KV slot each)."
     )
+    max_queue: int = Field(
+        64, ge=0, description="Requests that may wait for a slot; beyond it: 429 + Retry-After."
+    )
 
     @field_validator("draft")
     @classmethod
     def _draft_exists(cls, value: str) -> str:
-        if value != "none" and not (Path(value) / "config.json").is_file():
+        if value not in ("none", "auto", "shipped") and not (Path(value) / "config.json").is_file():
             raise ValueError(f"'{value}' is not a draft checkpoint folder (no config.json); "
-                             "use 'none' for plain decoding")
+                             "use 'auto', 'shipped' or 'none'")
         return value
 
     @model_validator(mode="after")

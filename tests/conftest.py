@@ -120,8 +120,9 @@ def stop_server(server: LiveServer) -> None:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """The default model served as users run it (plain decoding), with an API key."""
-    live = start_server("--ctx-size", "2048", "--max-concurrency", "2",
+    """The default model served with plain decoding (what `--draft auto` picks without a
+    GPU; named explicitly so the tests mean the same on a GPU machine), with an API key."""
+    live = start_server("--ctx-size", "2048", "--max-concurrency", "2", "--draft", "none",
                         log_path=tmp_path_factory.mktemp("logs") / "server.log")
     yield live
     stop_server(live)

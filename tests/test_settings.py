@@ -46,3 +46,23 @@ def test_invalid_settings_exit_with_a_message(argv, capsys):
 def test_missing_model_file_exits_with_a_message(capsys, tmp_path):
     assert main(["serve", "--model", str(tmp_path / "missing.gguf")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_which_draft_is_served(tmp_path):
+    import torch
+
+    from draft_model.shipped import SHIPPED_DRAFT
+    from server.app import draft_checkpoint
+
+    assert draft_checkpoint(parse(["--draft", "none"])) is None
+    assert draft_checkpoint(parse(["--draft", "shipped"])) == SHIPPED_DRAFT
+    # auto: the shipped draft only for the default model with the draft on a GPU
+    assert draft_checkpoint(parse(["--draft-device", "cpu"])) is None
+    model = tmp_path / "other.gguf"
+    model.write_bytes(b"")
+    assert draft_checkpoint(parse(["--model", str(model)])) is None
+    on_gpu = torch.cuda.is_available()
+    assert draft_checkpoint(parse([])) == (SHIPPED_DRAFT if on_gpu else None)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text("{}")
+    assert draft_checkpoint(parse(["--draft", str(tmp_path / "mine")])) == tmp_path / "mine"

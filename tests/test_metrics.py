@@ -1,0 +1,116 @@
+"""/metrics, back-pressure and the per-request log line, on a live server with the
+shipped draft (so the speculation counters move)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import start_server, stop_server
+
+
+@pytest.fixture(scope="module")
+def busy_server(tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("logs") / "server.log"
+    live = start_server("--draft", "shipped", "--draft-device", "cpu", "--draft-tokens", "8",
+                        "--draft-top-k", "4", "--draft-depth", "4", "--max-concurrency", "1",
+                        "--max-queue", "1", "--ctx-size", "1024", log_path=log_path)
+    yield live, log_path
+    stop_server(live)
+
+
+def scrape(server) -> dict[str, float]:
+    response = httpx.get(server.base_url + "/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    values = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def chat(server, text, max_tokens, stream=False, timeout=300):
+    body = {"model": "m", "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    return httpx.post(server.v1 + "/chat/completions", json=body, headers=server.headers,
+                      timeout=timeout)
+
+
+def test_metrics_count_tokens_requests_and_speculation(busy_server):
+    server, log_path = busy_server
+    before = scrape(server)
+    assert before["dovetail:spec_decode_num_drafts_total"] == 0
+    reply = chat(server, "Write a Python function that adds two numbers.", 32).json()
+    usage, speculative = reply["usage"], reply["speculative"]
+    after = scrape(server)
+
+    def grew(name):
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert grew("dovetail:prompt_tokens_total") == usage["prompt_tokens"]
+    assert grew("dovetail:generation_tokens_total") == usage["completion_tokens"]
+    assert grew("dovetail:spec_decode_num_drafts_total") == speculative["verify_steps"] - 1
+    assert grew("dovetail:spec_decode_num_draft_tokens_total") == speculative["drafted_tokens"]
+    accepted = grew("dovetail:spec_decode_num_accepted_tokens_total")
+    assert accepted == speculative["accepted_tokens"] > 0
+    per_position = {name: value for name, value in after.items()
+                    if name.startswith("dovetail:spec_decode_num_accepted_tokens_per_pos_total")}
+    assert sum(per_position.values()) == accepted
+    first = per_position['dovetail:spec_decode_num_accepted_tokens_per_pos_total{position="1"}']
+    assert all(value <= first for value in per_position.values())
+    assert grew("dovetail:spec_decode_draft_seconds_total") > 0
+    assert grew("dovetail:spec_decode_verify_seconds_total") > 0
+    assert grew("dovetail:time_to_first_token_seconds_count") == 1
+    assert grew("dovetail:e2e_request_latency_seconds_count") == 1
+    assert grew('dovetail:requests_total{route="/v1/chat/completions",status="200"}') == 1
+    assert after["dovetail:num_requests_running"] == 0
+
+    lines = [json.loads(line[line.index("{"):]) for line in log_path.read_text().splitlines()
+             if '"request_id"' in line]  # "<time> INFO dovetail.server: {...}"
+    assert any(line["request_id"] == reply["id"] and line["status"] == "length"
+               and line["completion_tokens"] == usage["completion_tokens"]
+               and line["prompt_tokens"] == usage["prompt_tokens"]
+               and line["tau"] > 1.0 and line["latency_s"] > 0 for line in lines)
+
+
+def test_a_full_queue_answers_429_with_retry_after(busy_server):
+    server, _ = busy_server
+    first_chunk = threading.Event()
+    results = {}
+
+    def long_stream(name):
+        body = {"model": "m", "messages": [{"role": "user", "content": "Count to one hundred."}],
+                "max_tokens": 120, "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.v1 + "/chat/completions", json=body,
+                          headers=server.headers, timeout=300) as response:
+            results[name] = response.status_code
+            for _ in response.iter_lines():
+                first_chunk.set()
+
+    active = threading.Thread(target=long_stream, args=("active",))
+    active.start()
+    assert first_chunk.wait(120)
+    waiting = threading.Thread(target=long_stream, args=("waiting",))
+    waiting.start()
+    deadline = time.monotonic() + 60
+    while httpx.get(server.base_url + "/health").json()["waiting_requests"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    refused = chat(server, "hello", 4)
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "1"
+    error = refused.json()["error"]
+    assert error["code"] == "server_busy" and error["type"] == "rate_limit_exceeded"
+    assert scrape(server)["dovetail:num_requests_waiting"] == 1
+    active.join(300)
+    waiting.join(300)
+    assert results == {"active": 200, "waiting": 200}
+    assert chat(server, "hello", 4).status_code == 200  # room again
+    assert scrape(server)['dovetail:requests_total{route="/v1/chat/completions",status="429"}'] \
+        >= 1
