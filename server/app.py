@@ -21,7 +21,7 @@ from draft_model.proposer import Proposer, TreeShape
 from draft_model.shipped import SHIPPED_DRAFT
 from draft_model.target_weights import read_target_weights
 from server.engine import Engine
-from server.errors import APIError, error_response, install_error_handlers
+from server.errors import APIError, error_body, error_response, install_error_handlers
 from server.metrics import CONTENT_TYPE, Metrics
 from server.prompts import (
     chat_prompt_tokens,
@@ -38,6 +38,7 @@ from verifier.target import Target, TargetConfig
 log = logging.getLogger("dovetail.server")
 
 DISCONNECT_POLL_SECONDS = 0.25
+MAX_BODY_BYTES = 8 * 2**20  # far beyond any context; refused before it is read or tokenized
 
 
 def draft_checkpoint(settings: Settings) -> Path | None:
@@ -105,6 +106,7 @@ def create_app(settings: Settings,
     install_error_handlers(app)
     model_name = settings.served_model_name
     metrics = app.state.metrics = Metrics()
+    app.add_middleware(_LimitBody, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(_CountRequests, metrics=metrics)
 
     async def authorized(request: Request) -> None:
@@ -132,6 +134,8 @@ def create_app(settings: Settings,
         if engine is not None:
             metrics.waiting.set(engine.num_waiting)
             metrics.running.set(engine.num_active)
+            metrics.free_slots.set(engine.free_slots)
+            metrics.kv_cells_used.set(engine.kv_cells_used)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/health")
@@ -195,6 +199,57 @@ class _CountRequests:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+class _LimitBody:
+    """ASGI middleware: a request body over max_bytes gets 413 (by Content-Length up front,
+    or once the bytes received pass the limit)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send)
+            return
+        received = 0
+        response_started = False
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message) -> None:
+            nonlocal response_started
+            response_started |= message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not response_started:
+                await self._refuse(send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps(error_body(413, f"the request body is over {self.max_bytes} bytes")
+                          ).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass
 
 
 def _engine_ready(app: FastAPI, task: asyncio.Task) -> None:

@@ -37,6 +37,9 @@ class Engine:
         self._wakeup = threading.Condition()
         self._is_stopping = False
         self._thread: threading.Thread | None = None
+        # read by /metrics from other threads; written only by the engine thread
+        self.kv_cells_used = 0
+        self.free_slots = target.num_free_slots
 
     # -- called from other threads ----------------------------------------------------------
 
@@ -99,6 +102,8 @@ class Engine:
                 self._guarded(self._advance, sequence)
             self._emit(sequence)
         self._retire()
+        self.kv_cells_used = self.target.num_kv_cells_used()
+        self.free_slots = self.target.num_free_slots
 
     def _admit(self) -> None:
         """Give waiting sequences a slot: prefill the prompt and choose the first token."""

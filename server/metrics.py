@@ -42,6 +42,10 @@ class Metrics:
                              registry=registry)
         self.running = Gauge(prefix + "num_requests_running", "Sequences being decoded",
                              registry=registry)
+        self.free_slots = Gauge(prefix + "free_slots", "KV slots free for new requests",
+                                registry=registry)
+        self.kv_cells_used = Gauge(prefix + "kv_cells_used", "Target KV cache cells in use",
+                                   registry=registry)
         self.time_to_first_token = Histogram(
             prefix + "time_to_first_token_seconds", "Request arrival to first token",
             buckets=LATENCY_BUCKETS, registry=registry)

@@ -75,7 +75,9 @@ class Sequence:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.params.seed)
+        seed = self.params.seed
+        # any integer is a seed (OpenAI's are signed 64-bit); numpy wants one ≥ 0
+        self.rng = np.random.default_rng(None if seed is None else seed % 2**64)
         self._detokenizer: IncrementalDetokenizer | None = None
         self._stops = StopMatcher(self.stop)
         self._pending_text: list[str] = []

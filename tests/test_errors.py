@@ -129,3 +129,31 @@ def test_unknown_fields_are_ignored(client):
         model="m", messages=MESSAGES, max_tokens=3, temperature=0,
         extra_body={"repetition_penalty": 1.1, "vendor_thing": {"a": 1}})
     assert response.usage.completion_tokens <= 3
+
+
+def test_any_integer_is_a_seed(server):
+    body = {"messages": MESSAGES, "max_tokens": 8, "temperature": 1.0}
+    for seed in (-1, -(2**63), 2**70):
+        first = post(server, CHAT, json={**body, "seed": seed})
+        second = post(server, CHAT, json={**body, "seed": seed})
+        assert first.status_code == second.status_code == 200
+        assert first.json()["choices"][0]["message"] == second.json()["choices"][0]["message"]
+
+
+@pytest.mark.parametrize("field,value,status", [
+    ("max_tokens", 10**30, 400), ("max_tokens", 2**63, 400), ("top_k", 10**20, 200),
+    ("temperature", 1e308, 400), ("top_p", -1e308, 400), ("seed", 10**40, 200),
+])
+def test_huge_numbers_are_answered_not_crashed_on(server, field, value, status):
+    body = {"messages": MESSAGES, "max_tokens": 4, field: value}
+    response = post(server, CHAT, json=body)
+    assert response.status_code == status
+    if status != 200:
+        assert_error(response, status)
+
+
+def test_an_oversized_body_is_413_before_it_is_read(server):
+    big = b'{"messages": [{"role": "user", "content": "' + b"a" * (9 * 2**20) + b'"}]}'
+    response = post(server, CHAT, content=big, headers={"Content-Type": "application/json"})
+    assert "request body is over" in assert_error(response, 413)["message"]
+    assert post(server, CHAT, json={"messages": MESSAGES, "max_tokens": 2}).status_code == 200

@@ -114,3 +114,64 @@ def test_a_full_queue_answers_429_with_retry_after(busy_server):
     assert chat(server, "hello", 4).status_code == 200  # room again
     assert scrape(server)['dovetail:requests_total{route="/v1/chat/completions",status="429"}'] \
         >= 1
+
+
+@pytest.fixture(scope="module")
+def plain_server():
+    live = start_server("--draft", "none", "--max-concurrency", "2", "--max-queue", "200",
+                        "--ctx-size", "1024")
+    yield live
+    stop_server(live)
+
+
+def test_a_hundred_clients_that_leave_mid_request_leave_nothing_behind(plain_server):
+    server = plain_server
+    question = "Describe the water cycle in detail."
+    before = chat(server, question, 24).json()["choices"][0]["message"]["content"]
+    assert scrape(server)["dovetail:kv_cells_used"] == 0
+    body = {"model": "m", "messages": [{"role": "user", "content": question}],
+            "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", server.v1 + "/chat/completions", json=body,
+                      headers=server.headers, timeout=300) as response:
+        lines = response.iter_lines()
+        for _ in range(4):
+            next(lines)
+        during = scrape(server)  # the gauges see a live request
+        assert during["dovetail:kv_cells_used"] > 0 and during["dovetail:free_slots"] == 1
+
+    def leave_mid_stream(index):
+        body = {"model": "m", "messages": [{"role": "user", "content": f"Story {index}:"}],
+                "max_tokens": 400, "temperature": 0.8, "seed": index, "stream": True}
+        with httpx.stream("POST", server.v1 + "/chat/completions", json=body,
+                          headers=server.headers, timeout=300) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            for _ in range(3 + index % 4):  # role chunk, then a few tokens (or still queued)
+                next(lines)
+
+    def leave_while_waiting(index):
+        with pytest.raises(httpx.ReadTimeout):
+            chat(server, f"Essay {index}:", 400, timeout=0.3 + 0.1 * (index % 3))
+
+    workers = [threading.Thread(target=leave_mid_stream if i % 5 else leave_while_waiting,
+                                args=(i,)) for i in range(100)]
+    for start in range(0, 100, 10):  # ten at a time: more than the slots and than the queue
+        batch = workers[start:start + 10]
+        for worker in batch:
+            worker.start()
+        for worker in batch:
+            worker.join(300)
+    deadline = time.monotonic() + 60
+    while True:
+        values = scrape(server)
+        idle = values["dovetail:num_requests_running"] == 0 \
+            and values["dovetail:num_requests_waiting"] == 0
+        if idle or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert idle
+    assert values["dovetail:free_slots"] == 2
+    assert values["dovetail:kv_cells_used"] == 0
+    assert httpx.get(server.base_url + "/health").json()["free_slots"] == 2
+    after = chat(server, question, 24).json()["choices"][0]["message"]["content"]
+    assert after == before

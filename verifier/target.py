@@ -302,6 +302,15 @@ class Target:
                  llama_cpp.llama_memory_seq_pos_max(self._memory, seq))
                 for seq in self._slot_seq_ids(slot_index)]
 
+    def num_kv_cells_used(self) -> int:
+        """KV cells held by all sequences of all slots (call from the decoding thread)."""
+        used = 0
+        for slot_index in range(len(self._slots)):
+            for low, high in self.sequence_positions(slot_index):
+                if high >= 0:
+                    used += high - low + 1
+        return used
+
     def close(self) -> None:
         if self._ctx:
             self._batch.free()
