@@ -115,7 +115,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     prompts_given = args.from_prompts is not None
-    needs_chat = not prompts_given
+    if prompts_given:
+        args.source = "self-distill"  # prompts alone can only be answered
+    needs_chat = not prompts_given or args.backend == "llama-cpp"  # llama.cpp is the target
     target, render, encode, stops = load_chat(args) if needs_chat else (None, None, None, None)
     if prompts_given:
         stops = set(np.load(args.from_prompts / "stop_tokens.npy").tolist())

@@ -230,3 +230,10 @@ def test_tokens_only_sets_train_with_features_from_the_port(collected, tmp_path)
                str(tmp_path / "tokens" / "train.npz"), "--layers", "1", "--max-steps", "2",
                "--device", "cpu", "--batch-tokens", "256", "--fusion", "concat")
     assert read_checkpoint_config(tmp_path / "run" / "draft")[0].fusion == "concat"
+    # the same prompts answered by llama.cpp itself, into feature shards
+    run_script("scripts/collect_features.py", "--out", str(tmp_path / "shards"),
+               "--from-prompts", str(collected / "prompts"), "--max-new-tokens", "4",
+               "--threads", str(NUM_THREADS))
+    shard = load_split(tmp_path / "shards", "train")
+    assert len(shard.sequences) == len(prompts)
+    assert all(0 < int(m.sum()) <= 4 for _, m in shard.sequences)
