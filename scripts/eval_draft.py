@@ -76,6 +76,14 @@ def run(engine: Engine, prompts: list[list[int]], max_tokens: int, label: str) -
             "outputs": outputs}
 
 
+def _shown(path: Path) -> str:
+    """A path as a reader can use it: relative to the working folder when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     model_path = args.model or default_model_path()
@@ -98,7 +106,7 @@ def main(argv=None) -> None:
         result["identical_to_plain"] = sum(
             a == b for a, b in zip(result["outputs"], results["plain"]["outputs"], strict=True))
         results[name] = result
-    report = {"draft": str(args.draft), "model": str(model_path), "problems": len(problems),
+    report = {"draft": _shown(args.draft), "model": model_path.name, "problems": len(problems),
               "max_tokens": args.max_tokens, "draft_device": str(device),
               "threads": target.config.num_threads, "results": results}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
