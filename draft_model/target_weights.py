@@ -29,7 +29,7 @@ def _field(reader: gguf.GGUFReader, key: str):
     return field.contents()
 
 
-def _dequantized(tensor) -> np.ndarray:
+def dequantized(tensor) -> np.ndarray:
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     return np.asarray(values, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
 
@@ -61,6 +61,6 @@ def read_target_info(reader: gguf.GGUFReader) -> TargetInfo:
 def read_target_weights(path: Path | str) -> TargetWeights:
     reader = gguf.GGUFReader(path)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
-    embedding = _dequantized(tensors["token_embd.weight"])
-    head = _dequantized(tensors["output.weight"]) if "output.weight" in tensors else embedding
+    embedding = dequantized(tensors["token_embd.weight"])
+    head = dequantized(tensors["output.weight"]) if "output.weight" in tensors else embedding
     return TargetWeights(info=read_target_info(reader), embedding=embedding, lm_head=head)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from draft_model.config import TargetInfo
-from draft_model.target_weights import _dequantized, read_target_info
+from draft_model.target_weights import dequantized, read_target_info
 
 _LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
                   "ffn_gate", "ffn_up", "ffn_down")
@@ -63,7 +63,7 @@ class TorchTarget:
         tensors = {tensor.name: tensor for tensor in reader.tensors}
 
         def weight(name: str, keep_fp32: bool = False) -> torch.Tensor:
-            values = torch.from_numpy(np.array(_dequantized(tensors[name])))
+            values = torch.from_numpy(np.array(dequantized(tensors[name])))
             return values.to(device, torch.float32 if keep_fp32 else dtype)
 
         num_layers = sum(1 for name in tensors if name.endswith(".attn_q.weight"))

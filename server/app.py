@@ -134,7 +134,7 @@ def create_app(settings: Settings,
         if engine is not None:
             metrics.waiting.set(engine.num_waiting)
             metrics.running.set(engine.num_active)
-            metrics.free_slots.set(engine.free_slots)
+            metrics.free_slots.set(engine.target.num_free_slots)
             metrics.kv_cells_used.set(engine.kv_cells_used)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 

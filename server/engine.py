@@ -37,9 +37,7 @@ class Engine:
         self._wakeup = threading.Condition()
         self._is_stopping = False
         self._thread: threading.Thread | None = None
-        # read by /metrics from other threads; written only by the engine thread
-        self.kv_cells_used = 0
-        self.free_slots = target.num_free_slots
+        self.kv_cells_used = 0  # read by /metrics; written only by the engine thread
 
     # -- called from other threads ----------------------------------------------------------
 
@@ -103,7 +101,6 @@ class Engine:
             self._emit(sequence)
         self._retire()
         self.kv_cells_used = self.target.num_kv_cells_used()
-        self.free_slots = self.target.num_free_slots
 
     def _admit(self) -> None:
         """Give waiting sequences a slot: prefill the prompt and choose the first token."""
