@@ -72,6 +72,7 @@ def build_engine(settings: Settings) -> Engine:
         batch_size=settings.batch_size,
         num_threads=settings.num_threads,
         flash_attn=settings.flash_attn,
+        features=drafting,
     ))
     if not drafting:
         return Engine(target)
@@ -122,6 +123,8 @@ def create_app(settings: Settings,
         engine: Engine | None = request.app.state.engine
         if engine is None:
             raise APIError(503, "the model is still loading", headers={"Retry-After": "5"})
+        if engine.is_draining:
+            raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
         if engine.num_waiting >= settings.max_queue:
             raise APIError(429, f"the server is busy: {engine.num_waiting} requests are "
                            "waiting for a slot; retry later", code="server_busy",
@@ -144,6 +147,8 @@ def create_app(settings: Settings,
         if engine is None:
             return JSONResponse({"status": "loading"}, status_code=503,
                                 headers={"Retry-After": "5"})
+        if engine.is_draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ok", "active_requests": engine.num_active,
                              "waiting_requests": engine.num_waiting,
                              "free_slots": engine.target.num_free_slots})
@@ -162,7 +167,8 @@ def create_app(settings: Settings,
                                    "max_completion_tokens" if body.max_completion_tokens
                                    else "max_tokens")
         fmt = ResponseFormat("chat", model_name, include_usage=body.include_usage)
-        return await _generate(engine, request, body, prompt, budget, fmt, prefix="")
+        return await _generate(engine, request, body, prompt, budget, fmt, prefix="",
+                               timeout=settings.request_timeout)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request):
@@ -175,7 +181,8 @@ def create_app(settings: Settings,
         if body.echo:
             prefix = body.prompt if isinstance(body.prompt, str) else \
                 engine.tokenizer.decode(list(body.prompt))
-        return await _generate(engine, request, body, prompt, budget, fmt, prefix)
+        return await _generate(engine, request, body, prompt, budget, fmt, prefix,
+                               timeout=settings.request_timeout)
 
     return app
 
@@ -293,8 +300,13 @@ class _RequestClock:
             "latency_s": round(total, 4)}))
 
 
+REJECTED = APIError(503, "no slot became free before the request's deadline, or the server "
+                    "is shutting down; retry later", headers={"Retry-After": "5"})
+
+
 async def _generate(engine: Engine, request: Request, body: SamplingFields,
-                    prompt: list[int], budget: int, fmt: ResponseFormat, prefix: str):
+                    prompt: list[int], budget: int, fmt: ResponseFormat, prefix: str,
+                    timeout: float):
     clock = _RequestClock(request.app.state.metrics, fmt.id)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[SequenceEvent] = asyncio.Queue()
@@ -305,6 +317,7 @@ async def _generate(engine: Engine, request: Request, body: SamplingFields,
         stop=body.stop_strings,
         sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
         request_id=fmt.id,
+        deadline=clock.arrival + timeout if timeout else None,
     )
     engine.submit(sequence)
     if body.stream:
@@ -335,6 +348,8 @@ async def _collect(engine: Engine, sequence: Sequence, events: asyncio.Queue,
                      else event.finish_reason or "cancelled")
     if event.error is not None:
         return error_response(APIError(500, event.error))
+    if event.finish_reason == "rejected":
+        return error_response(REJECTED)
     return JSONResponse(fmt.full("".join(pieces), event.finish_reason, event.usage))
 
 
@@ -365,8 +380,9 @@ async def _stream(engine: Engine, sequence: Sequence, events: asyncio.Queue,
             if event.finish_reason is None:
                 continue
             if event.error is not None:
-                yield sse({"error": {"message": event.error, "type": "server_error",
-                                     "param": None, "code": None}})
+                yield sse(error_body(500, event.error))
+            elif event.finish_reason == "rejected":
+                yield sse(error_body(REJECTED.status, REJECTED.message))
             else:
                 yield fmt.chunk("", finish_reason=event.finish_reason)
                 if fmt.include_usage:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -46,7 +47,22 @@ def serve_forever(settings) -> int:
         print(f"dovetail: model file not found: {model_path}", file=sys.stderr)
         return 2
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGINT/SIGTERM: stop listening (uvicorn), refuse queued requests and give the
+        running ones `shutdown_grace` seconds to end their responses properly (engine)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            engine = getattr(app.state, "engine", None)
+            if engine is not None:
+                engine.drain(settings.shutdown_grace)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=settings.shutdown_grace + 10)
+    # uvicorn raises a captured SIGINT again once it has stopped
+    with contextlib.suppress(KeyboardInterrupt):
+        DrainingServer(config).run()
     return 0
 
 

@@ -1,8 +1,15 @@
 """The generation loop, on its own thread: admit → draft → verify → accept → commit → emit.
 
-Every active sequence advances by one verification step per engine step, round robin.
-Plain decoding is the same loop without a proposer: the tree verified each step is just the
-root, and the target's own next token (the bonus token) is the only one emitted.
+One engine step advances every active sequence together: each decoding sequence gets a
+tree from the proposer, and all trees — plus the next chunk of the prompts still being
+read — are verified in one llama.cpp decode (`Target.evaluate`). Prompts are read
+`batch_size` tokens per step, oldest request first, so a long prompt holds running streams
+up for at most one chunk per step. Plain decoding is the same loop without a proposer: each
+tree is just the root, and the target's own next token (the bonus token) is emitted.
+
+Limits: a sequence past its deadline (or past the shutdown grace) ends with what it has
+("timeout"); one still waiting for a slot at its deadline, or when the server drains for
+shutdown, is refused ("rejected").
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from server.metrics import Metrics
 from server.sequence import Sequence, SequenceEvent
 from verifier.acceptance import Acceptance, accept_greedy, accept_sampled
 from verifier.sampling import adjust_logits, choose_token, target_probs
-from verifier.target import Target, TreeOutput
+from verifier.target import ChunkOutput, PromptChunk, Target, TreeOutput, TreeRequest
 
 log = logging.getLogger("dovetail.engine")
 
@@ -32,10 +39,12 @@ class Engine:
         self.proposer = proposer
         self.metrics = metrics
         self.tokenizer = target.tokenizer
+        self.chunk_size = target.config.batch_size  # prompt tokens read per step, at most
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
         self._wakeup = threading.Condition()
         self._is_stopping = False
+        self._drain_deadline: float | None = None
         self._thread: threading.Thread | None = None
         self.kv_cells_used = 0  # read by /metrics; written only by the engine thread
 
@@ -52,6 +61,18 @@ class Engine:
             self._wakeup.notify()
         if self._thread is not None:
             self._thread.join()
+
+    def drain(self, grace_seconds: float) -> None:
+        """Shutting down: refuse the waiting requests now, give the running ones
+        grace_seconds to finish, then end them as timed out."""
+        with self._wakeup:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + grace_seconds
+            self._wakeup.notify()
+
+    @property
+    def is_draining(self) -> bool:
+        return self._drain_deadline is not None
 
     def submit(self, sequence: Sequence) -> None:
         with self._wakeup:
@@ -92,50 +113,126 @@ class Engine:
         self._waiting.clear()
 
     def step(self) -> None:
+        self._expire_waiting()
         self._admit()
+        now = time.monotonic()
         for sequence in self._active:
             if sequence.cancelled.is_set():
                 sequence.finish("cancelled")  # no-op for a sequence already finished
-            if not sequence.is_finished:  # it may have ended at its prefill (max_tokens=1)
-                self._guarded(self._advance, sequence)
+            elif self._is_past_due(sequence, now):
+                sequence.finish("timeout")
+        running = [s for s in self._active if not s.is_finished]
+        trees = self._draft([s for s in running if s.root_token is not None])
+        chunks = self._next_chunks([s for s in running if s.root_token is None])
+        if trees or chunks:
+            self._verify(trees, chunks)
+        for sequence in self._active:
             self._emit(sequence)
         self._retire()
         self.kv_cells_used = self.target.num_kv_cells_used()
 
+    def _is_past_due(self, sequence: Sequence, now: float) -> bool:
+        drain = self._drain_deadline
+        return (sequence.deadline is not None and now > sequence.deadline) or \
+            (drain is not None and now > drain)
+
+    def _expire_waiting(self) -> None:
+        """Drop waiting requests that were cancelled, are past due, or meet a shutdown."""
+        now = time.monotonic()
+        with self._wakeup:
+            waiting, self._waiting = self._waiting, deque()
+            for sequence in waiting:
+                if sequence.cancelled.is_set():
+                    sequence.finish("cancelled")
+                elif self.is_draining or (sequence.deadline is not None
+                                          and now > sequence.deadline):
+                    sequence.finish("rejected")
+                else:
+                    self._waiting.append(sequence)
+                    continue
+                self._emit(sequence)
+
     def _admit(self) -> None:
-        """Give waiting sequences a slot: prefill the prompt and choose the first token."""
+        """Give waiting sequences a slot; their prompts are read over the next steps."""
         while self._waiting and self.target.num_free_slots:
             with self._wakeup:
                 sequence = self._waiting.popleft()
-            self._active.append(sequence)
-            if sequence.cancelled.is_set():
-                sequence.finish("cancelled")
-                continue
             sequence.slot = self.target.acquire_slot()
-            self._guarded(self._prefill, sequence)
+            self._active.append(sequence)
 
-    def _prefill(self, sequence: Sequence) -> None:
-        output = self.target.prefill(sequence.slot, sequence.prompt_tokens)
+    def _draft(self, sequences: list[Sequence]) -> list[tuple[Sequence, DraftTree]]:
+        """A tree for each decoding sequence (just its root when there is no proposer)."""
+        trees = []
+        for sequence in sequences:
+            if self.proposer is None:
+                trees.append((sequence, DraftTree.root_only(sequence.root_token)))
+                continue
+            started = time.perf_counter()
+            tree = self._guarded(self._propose, sequence)
+            sequence.draft_seconds = time.perf_counter() - started
+            if tree is not None:
+                trees.append((sequence, tree))
+        return trees
+
+    def _propose(self, sequence: Sequence) -> DraftTree:
+        tree = self.proposer.propose(sequence.draft_state, sequence.root_token)
+        self.target.check_tree(TreeRequest(sequence.slot, tree.tokens, tree.parents))
+        return tree
+
+    def _next_chunks(self, sequences: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """Up to chunk_size prompt tokens in all, oldest request first. Chunks start at
+        multiples of chunk_size, as they do for a request served alone."""
+        budget = self.chunk_size
+        chunks = []
+        for sequence in sequences:
+            done = sequence.num_prompt_read
+            tokens = sequence.prompt_tokens[done : done + self.chunk_size]
+            if len(tokens) > budget:
+                break
+            chunks.append((sequence, tokens))
+            budget -= len(tokens)
+        return chunks
+
+    def _verify(self, trees: list[tuple[Sequence, DraftTree]],
+                chunks: list[tuple[Sequence, list[int]]]) -> None:
+        started = time.perf_counter()
+        try:
+            tree_outputs, chunk_outputs = self.target.evaluate(
+                [TreeRequest(s.slot, tree.tokens, tree.parents) for s, tree in trees],
+                [PromptChunk(s.slot, tokens) for s, tokens in chunks])
+        except Exception as error:
+            log.exception("a target decode failed")
+            for sequence, _ in (*trees, *chunks):
+                sequence.fail(f"generation failed: {error}")
+            return
+        if self.metrics is not None and trees:
+            self.metrics.observe_verify(time.perf_counter() - started)
+        for (sequence, tree), output in zip(trees, tree_outputs, strict=True):
+            self._guarded(self._advance, sequence, tree, output)
+        for (sequence, tokens), output in zip(chunks, chunk_outputs, strict=True):
+            self._guarded(self._read_prompt, sequence, tokens, output)
+
+    def _read_prompt(self, sequence: Sequence, tokens: list[int], output: ChunkOutput) -> None:
+        """A prompt chunk was evaluated; after the last one, choose the first token."""
+        sequence.num_prompt_read += len(tokens)
+        if self.proposer is not None:
+            sequence.prompt_features.append(output.features)
+        if sequence.num_prompt_read < len(sequence.prompt_tokens):
+            return
         token = choose_token(output.last_logits, sequence.params, sequence.token_counts,
                              sequence.rng)
         if self.proposer is not None:
             capacity = len(sequence.prompt_tokens) + sequence.max_new_tokens + 1
             sequence.draft_state = self.proposer.new_state(capacity)
-            self.proposer.begin(sequence.draft_state, sequence.prompt_tokens, output.features,
-                                token)
+            self.proposer.begin(sequence.draft_state, sequence.prompt_tokens,
+                                np.concatenate(sequence.prompt_features), token)
+            sequence.prompt_features.clear()
         sequence.record_step(num_drafted=0, num_accepted=0)
         sequence.root_token = token
         sequence.add_token(token, self.tokenizer)
 
-    def _advance(self, sequence: Sequence) -> None:
-        """One verification step: draft a tree, verify it, accept, commit both sides, emit."""
-        started = time.perf_counter()
-        if self.proposer is None:
-            tree = DraftTree.root_only(sequence.root_token)
-        else:
-            tree = self.proposer.propose(sequence.draft_state, sequence.root_token)
-        drafted = time.perf_counter()
-        output = self.target.verify_tree(sequence.slot, tree.tokens, tree.parents)
+    def _advance(self, sequence: Sequence, tree: DraftTree, output: TreeOutput) -> None:
+        """After the decode: accept, commit both sides, record the new tokens."""
         acceptance = self._accept(sequence, tree, output)
         self.target.commit(sequence.slot, acceptance.path)
         new_tokens = [tree.tokens[node] for node in acceptance.path[1:]]
@@ -146,7 +243,7 @@ class Engine:
         sequence.record_step(num_drafted=tree.num_drafted, num_accepted=acceptance.num_accepted)
         if self.metrics is not None:
             self.metrics.observe_step(tree.num_drafted, acceptance.num_accepted,
-                                      drafted - started, time.perf_counter() - drafted)
+                                      sequence.draft_seconds)
         sequence.root_token = acceptance.bonus_token
         for token in new_tokens:
             sequence.add_token(token, self.tokenizer)
@@ -174,13 +271,15 @@ class Engine:
                               lambda node: target_probs(processed_logits(node), params),
                               sequence.rng)
 
-    def _guarded(self, work, sequence: Sequence) -> None:
-        """A failure in one sequence ends that sequence with an error, not the engine."""
+    def _guarded(self, work, sequence: Sequence, *args):
+        """A failure in one sequence ends that sequence with an error, not the engine;
+        returns work's result, or None after a failure."""
         try:
-            work(sequence)
+            return work(sequence, *args)
         except Exception as error:
             log.exception("request %s failed", sequence.request_id)
             sequence.fail(f"generation failed: {error}")
+            return None
 
     def _emit(self, sequence: Sequence) -> None:
         event: SequenceEvent | None = sequence.take_event()

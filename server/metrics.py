@@ -67,13 +67,16 @@ class Metrics:
         self.draft_seconds = Counter(prefix + "spec_decode_draft_seconds",
                                      "Time spent drafting", registry=registry)
         self.verify_seconds = Counter(prefix + "spec_decode_verify_seconds",
-                                      "Time spent in target verification steps",
+                                      "Time spent in target decodes that verified trees "
+                                      "(one decode serves all running requests)",
                                       registry=registry)
 
-    def observe_step(self, num_drafted: int, num_accepted: int, draft_seconds: float,
-                     verify_seconds: float) -> None:
+    def observe_verify(self, seconds: float) -> None:
+        """One target decode that verified the trees of all decoding sequences."""
+        self.verify_seconds.inc(seconds)
+
+    def observe_step(self, num_drafted: int, num_accepted: int, draft_seconds: float) -> None:
         """One verification step of one sequence (called on the engine thread)."""
-        self.verify_seconds.inc(verify_seconds)
         if not num_drafted:
             return
         self.drafts.inc()

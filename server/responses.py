@@ -10,6 +10,13 @@ from typing import Literal
 
 from server.sequence import Usage
 
+# The engine's endings that OpenAI's API has no word for: stopped before its natural end.
+_PUBLIC_FINISH_REASON = {"timeout": "length", "cancelled": "length"}
+
+
+def public_finish_reason(reason: str | None) -> str | None:
+    return _PUBLIC_FINISH_REASON.get(reason, reason)
+
 
 @dataclass(frozen=True)
 class ResponseFormat:
@@ -33,6 +40,7 @@ class ResponseFormat:
                 "model": self.model, "choices": choices}
 
     def full(self, text: str, finish_reason: str, usage: Usage) -> dict:
+        finish_reason = public_finish_reason(finish_reason)
         if self.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": None, "finish_reason": finish_reason}
@@ -45,6 +53,7 @@ class ResponseFormat:
 
     def chunk(self, text: str, finish_reason: str | None = None,
               is_first: bool = False) -> str:
+        finish_reason = public_finish_reason(finish_reason)
         if self.kind == "chat":
             if finish_reason is not None:
                 delta: dict = {}

@@ -48,7 +48,9 @@ class SequenceEvent:
     """What the engine hands to the HTTP side: new text, and on the last event the end."""
 
     text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    # "stop" | "length" | "cancelled" | "error" | "timeout" (ended at its deadline)
+    # | "rejected" (never given a slot: deadline or shutdown)
+    finish_reason: str | None = None
     usage: Usage | None = None
     error: str | None = None
 
@@ -73,6 +75,10 @@ class Sequence:
     num_accepted: int = 0
     accepted_lengths: list[int] = field(default_factory=list)  # per step that drafted
     cancelled: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None  # time.monotonic() after which the engine ends it
+    num_prompt_read: int = 0  # prompt tokens the target has evaluated
+    prompt_features: list[np.ndarray] = field(default_factory=list)  # per chunk, for the draft
+    draft_seconds: float = 0.0  # the last step's drafting time
 
     def __post_init__(self) -> None:
         seed = self.params.seed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
@@ -59,6 +60,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         64, ge=0, description="Requests that may wait for a slot; beyond it: 429 + Retry-After."
     )
+    request_timeout: float = Field(
+        600, ge=0, description="Seconds a request may take from arrival (0: no limit); one "
+        "still waiting for a slot then gets 503, one generating ends with what it has.")
+    shutdown_grace: float = Field(
+        30, ge=0, description="On SIGINT/SIGTERM: seconds running requests may go on before "
+        "they are ended (waiting ones get 503 at once).")
 
     @field_validator("draft")
     @classmethod
@@ -105,6 +112,18 @@ def physical_cores() -> int:
     except OSError:
         pass
     return max(1, min(len(cores), logical or 1) if cores else (logical or 1))
+
+
+def describe_cpu() -> str:
+    """'<model name>, N cores (M threads usable)' for reports of measured speed."""
+    name = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next((line.partition(":")[2].strip() for line in cpuinfo
+                         if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {physical_cores()} cores"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

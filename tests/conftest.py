@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
+from server.local_server import LocalServer
 from verifier.default_model import default_model_path
 from verifier.gguf_convert import write_f16_copy
 from verifier.target import Target, TargetConfig
@@ -63,59 +57,15 @@ def f16_target(f16_model):
 API_KEY = "test-key"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class LiveServer:
-    base_url: str  # http://127.0.0.1:PORT
-    api_key: str
-    process: subprocess.Popen
-
-    @property
-    def v1(self) -> str:
-        return self.base_url + "/v1"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
-
-
 def start_server(*extra_args: str, api_key: str = API_KEY,
-                 log_path: Path | None = None) -> LiveServer:
-    """`dovetail serve` in a subprocess on a free loopback port; returns once /health is 200."""
-    port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
-               "--api-key", api_key, "--threads", str(NUM_THREADS), *extra_args]
-    if log_path is None:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    else:
-        with open(log_path, "wb") as log:  # the child keeps its own handle
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {command}")
-        try:
-            if httpx.get(base_url + "/health", timeout=1).status_code == 200:
-                return LiveServer(base_url, api_key, process)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not become ready")
+                 log_path: Path | None = None) -> LocalServer:
+    """`dovetail serve` on a free loopback port, with the tests' thread count and API key."""
+    return LocalServer.start("--threads", str(NUM_THREADS), *extra_args, api_key=api_key,
+                             log_path=log_path)
 
 
-def stop_server(server: LiveServer) -> None:
-    server.process.send_signal(signal.SIGINT)
-    try:
-        server.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
+def stop_server(server: LocalServer) -> None:
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -184,3 +184,95 @@ def test_tree_validation_and_slot_bookkeeping(q4_target):
     free_before = target.num_free_slots
     target.release_slot(slot)
     assert target.num_free_slots == free_before + 1
+
+
+def test_one_decode_for_several_slots_equals_each_slot_alone(f16_target):
+    """`evaluate` verifies two slots' trees and reads a third slot's prompt in one decode;
+    each part equals the same work done alone (F16), and the KV each slot keeps is right."""
+    from verifier.target import PromptChunk, TreeRequest
+
+    target = f16_target
+    prompts = [target.tokenizer.encode(CHAT.replace("robot", animal))
+               for animal in ("cat", "whale", "fox")]
+    references = [greedy_reference(target, prompt, 6) for prompt in prompts[:2]]
+    trees = [sample_tree(references[0]), ([references[1][0], references[1][1]], [-1, 0])]
+
+    def run(batched: bool):
+        slots = [target.acquire_slot() for _ in prompts]
+        for slot, prompt in zip(slots[:2], prompts[:2], strict=True):
+            target.prefill(slot, prompt)
+        requests = [TreeRequest(slot, tokens, parents)
+                    for slot, (tokens, parents) in zip(slots[:2], trees, strict=True)]
+        chunk = PromptChunk(slots[2], prompts[2])
+        if batched:
+            tree_outputs, (chunk_output,) = target.evaluate(requests, [chunk])
+        else:
+            tree_outputs = [target.evaluate([request], [])[0][0] for request in requests]
+            chunk_output = target.evaluate([], [chunk])[1][0]
+        # accept the true branch of each tree, then one more token on every slot
+        target.commit(slots[0], path_to(trees[0][1], 7))
+        target.commit(slots[1], [0, 1])
+        follow = [target.decode(slot, token).logits[0]
+                  for slot, token in zip(slots, (references[0][5], references[1][2],
+                                                  int(np.argmax(chunk_output.last_logits))),
+                                         strict=True)]
+        cached = [target.num_cached(slot) for slot in slots]
+        for slot in slots:
+            target.release_slot(slot)
+        return tree_outputs, chunk_output, follow, cached
+
+    alone, together = run(batched=False), run(batched=True)
+    for a, b in zip(alone[0], together[0], strict=True):
+        np.testing.assert_array_equal(a.logits.argmax(-1), b.logits.argmax(-1))
+        np.testing.assert_allclose(a.logits, b.logits, atol=0.05)
+        np.testing.assert_allclose(a.features, b.features, atol=0.01)
+    assert alone[1].last_logits.argmax() == together[1].last_logits.argmax()
+    np.testing.assert_allclose(alone[1].features, together[1].features, atol=0.01)
+    for a, b in zip(alone[2], together[2], strict=True):
+        assert a.argmax() == b.argmax()
+        np.testing.assert_allclose(a, b, atol=0.05)
+    assert alone[3] == together[3] == [len(prompts[0]) + 5, len(prompts[1]) + 2,
+                                       len(prompts[2])]
+
+
+def test_evaluate_refuses_bad_requests_before_touching_the_cache(q4_target):
+    from verifier.target import PromptChunk, TreeRequest
+
+    target = q4_target
+    slots = [target.acquire_slot() for _ in range(2)]
+    target.prefill(slots[0], prompt_tokens(target))
+    before = target.sequence_positions(slots[0])
+    with pytest.raises(ValueError, match="one request per slot"):
+        target.evaluate([TreeRequest(slots[0], [1], [-1])], [PromptChunk(slots[0], [5])])
+    with pytest.raises(ValueError):  # the second tree is malformed: nothing may happen
+        target.evaluate([TreeRequest(slots[0], [1, 2, 3], [-1, 0, 0])],
+                        [PromptChunk(slots[1], [])])
+    assert target.sequence_positions(slots[0]) == before
+    assert target.num_cached(slots[1]) == 0
+    target.verify_tree(slots[0], [1, 2, 3], [-1, 0, 0])  # still usable: no pending tree
+    target.commit(slots[0], [0])
+    for slot in slots:
+        target.release_slot(slot)
+
+
+def test_a_target_without_features_decodes_the_same_tokens(f16_model, f16_target):
+    """Plain decoding turns features off (prompts then output only their last token's
+    logits): the logits and the greedy tokens stay those of the full target (F16)."""
+    from tests.conftest import make_target
+
+    plain = make_target(f16_model, num_slots=1, features=False)
+    try:
+        prompt = prompt_tokens(plain)
+        assert greedy_reference(plain, prompt, 24) == greedy_reference(f16_target, prompt, 24)
+        slot = plain.acquire_slot()
+        output = plain.prefill(slot, prompt)
+        assert output.features.size == 0
+        tree = plain.verify_tree(slot, [int(np.argmax(output.last_logits)), 42], [-1, 0])
+        assert tree.logits.shape == (2, plain.vocab_size) and tree.features.size == 0
+        plain.release_slot(slot)
+        full_slot = f16_target.acquire_slot()
+        np.testing.assert_allclose(output.last_logits,
+                                   f16_target.prefill(full_slot, prompt).last_logits, atol=0.05)
+        f16_target.release_slot(full_slot)
+    finally:
+        plain.close()

@@ -9,8 +9,12 @@ Sequence ids: slot s owns ids [s·B, (s+1)·B) with B = max_tree_branches. Id s�
 *base* sequence) holds the committed tokens; the others are scratch branches that exist only
 between `verify_tree` and `commit`.
 
-The context is created with embeddings on, so every decoded token yields both its logits
-and its post-final-norm hidden state (the feature the draft model reads).
+With `features` on (for a draft), the context has embeddings on, so every decoded token
+yields both its logits and its post-final-norm hidden state (the feature the draft reads).
+
+`evaluate` is the one decode: the trees of several slots and chunks of other slots' prompts
+go into a single llama.cpp batch (distinct sequence ids keep them apart), so concurrent
+requests share one pass over the weights. `prefill` and `verify_tree` are its one-slot forms.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ class TargetConfig:
     # llama.cpp's flash attention kernel rounds differently from the default one; off by
     # default so that greedy output equals llama-cpp-python's (which also leaves it off).
     flash_attn: bool = False
+    # Post-norm features of every evaluated token, for a draft model. Off (plain decoding):
+    # no features, and a prompt chunk computes logits for its last token only.
+    features: bool = True
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,29 @@ class PrefillOutput:
 class TreeOutput:
     logits: np.ndarray  # [num_nodes, vocab] float32: row i predicts the token after node i
     features: np.ndarray  # [num_nodes, hidden] float32
+
+
+@dataclass(frozen=True)
+class TreeRequest:
+    """A token tree to verify on top of a slot's committed tokens (see `verify_tree`)."""
+
+    slot: int
+    tokens: Sequence[int]
+    parents: Sequence[int]
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    """The next prompt tokens of a slot, evaluated and committed after its cached ones."""
+
+    slot: int
+    tokens: Sequence[int]
+
+
+@dataclass(frozen=True)
+class ChunkOutput:
+    last_logits: np.ndarray  # [vocab] float32: predicts the token after the chunk
+    features: np.ndarray  # [len(tokens), hidden] float32, post-final-norm
 
 
 @dataclass
@@ -83,11 +113,11 @@ class _Batch:
         self.is_output = np.ctypeslib.as_array(self.raw.logits, shape=(self.capacity,))
 
     def fill(self, tokens: Sequence[int], positions: Sequence[int],
-             seq_ids: Sequence[Sequence[int]]) -> None:
+             seq_ids: Sequence[Sequence[int]], outputs: Sequence[bool]) -> None:
         count = len(tokens)
         self.token[:count] = tokens
         self.pos[:count] = positions
-        self.is_output[:count] = 1
+        self.is_output[:count] = outputs
         for i, ids in enumerate(seq_ids):
             self.num_seq[i] = len(ids)
             row = self.raw.seq_id[i]
@@ -130,7 +160,8 @@ class Target:
                 f"num_slots × max_tree_branches = {num_seq_max} exceeds llama.cpp's limit of "
                 f"{llama_cpp.llama_max_parallel_sequences()} sequences"
             )
-        batch_capacity = max(config.batch_size, config.max_tree_nodes)
+        # one prompt chunk plus a full tree for every slot fit in one decode
+        batch_capacity = config.batch_size + config.num_slots * config.max_tree_nodes
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = config.num_slots * (config.ctx_size + config.max_tree_nodes)
         ctx_params.n_batch = batch_capacity
@@ -138,7 +169,7 @@ class Target:
         ctx_params.n_seq_max = num_seq_max
         ctx_params.n_threads = config.num_threads
         ctx_params.n_threads_batch = config.num_threads
-        ctx_params.embeddings = True
+        ctx_params.embeddings = config.features
         ctx_params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
         ctx_params.kv_unified = True
         ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn
@@ -192,7 +223,7 @@ class Target:
     # -- decoding ---------------------------------------------------------------------------
 
     def prefill(self, slot_index: int, tokens: Sequence[int]) -> PrefillOutput:
-        """Evaluate a fresh slot's prompt in chunks of batch_size and commit it."""
+        """Evaluate a fresh slot's whole prompt in chunks of batch_size and commit it."""
         slot = self._slot(slot_index)
         if slot.num_cached or slot.node_leaf is not None:
             raise RuntimeError("prefill needs an empty slot")
@@ -201,18 +232,11 @@ class Target:
         if len(tokens) > self.config.ctx_size:
             raise ValueError(f"{len(tokens)} prompt tokens exceed the context of "
                              f"{self.config.ctx_size}")
-        base = self._slot_seq_ids(slot_index)[0]
-        features = np.empty((len(tokens), self.hidden_size), dtype=np.float32)
         step = self.config.batch_size
-        for start in range(0, len(tokens), step):
-            chunk = tokens[start : start + step]
-            count = len(chunk)
-            self._decode(chunk, range(start, start + count), [(base,)] * count)
-            features[start : start + count] = self._outputs(llama_cpp.llama_get_embeddings,
-                                                            count, self.hidden_size)
-        last_logits = self._outputs(llama_cpp.llama_get_logits, count, self.vocab_size)[-1].copy()
-        slot.num_cached = len(tokens)
-        return PrefillOutput(last_logits=last_logits, features=features)
+        chunks = [self.evaluate([], [PromptChunk(slot_index, tokens[start : start + step])])[1][0]
+                  for start in range(0, len(tokens), step)]
+        return PrefillOutput(last_logits=chunks[-1].last_logits,
+                             features=np.concatenate([chunk.features for chunk in chunks]))
 
     def verify_tree(self, slot_index: int, tokens: Sequence[int],
                     parents: Sequence[int]) -> TreeOutput:
@@ -222,26 +246,106 @@ class Target:
         parents[i] is the index of node i's parent, parents[0] = -1, parents[i] < i.
         Plain decoding is a tree of one node. `commit` must follow before the next call.
         """
-        slot = self._slot(slot_index)
+        return self.evaluate([TreeRequest(slot_index, tokens, parents)], [])[0][0]
+
+    def check_tree(self, request: TreeRequest) -> list[int]:
+        """Raise ValueError/RuntimeError if the tree cannot be verified; return node depths."""
+        slot = self._slot(request.slot)
         if slot.node_leaf is not None:
             raise RuntimeError("verify_tree called twice without commit")
-        num_nodes = len(tokens)
-        depths = _validate_tree(parents, num_nodes)
+        num_nodes = len(request.tokens)
+        depths = _validate_tree(request.parents, num_nodes)
         if num_nodes > self.config.max_tree_nodes:
             raise ValueError(f"tree of {num_nodes} nodes exceeds max_tree_nodes")
         if slot.num_cached + max(depths) + 1 > self.config.ctx_size + self.config.max_tree_nodes:
             raise ValueError("tree does not fit in the slot's context")
+        if len(_leaves(request.parents)) > self.config.max_tree_branches:
+            raise ValueError("tree has more leaves than max_tree_branches")
+        return depths
 
-        has_child = [False] * num_nodes
-        for parent in parents[1:]:
-            has_child[parent] = True
-        leaves = [i for i in range(num_nodes) if not has_child[i]]
-        if len(leaves) > self.config.max_tree_branches:
-            raise ValueError(f"tree has {len(leaves)} leaves, more than max_tree_branches")
+    def check_chunk(self, chunk: PromptChunk) -> None:
+        slot = self._slot(chunk.slot)
+        if slot.node_leaf is not None:
+            raise RuntimeError("a prompt chunk cannot follow an uncommitted tree")
+        if not chunk.tokens:
+            raise ValueError("empty prompt chunk")
+        if slot.num_cached + len(chunk.tokens) > self.config.ctx_size:
+            raise ValueError(f"{slot.num_cached + len(chunk.tokens)} prompt tokens exceed the "
+                             f"context of {self.config.ctx_size}")
 
-        # Branch k is sequence seq_ids[k]; branch 0 is the base sequence itself, the others
-        # first share the committed prefix (cells gain a sequence id, nothing is copied).
-        seq_ids = self._slot_seq_ids(slot_index)
+    def evaluate(self, trees: Sequence[TreeRequest],
+                 chunks: Sequence[PromptChunk]) -> tuple[list[TreeOutput], list[ChunkOutput]]:
+        """One llama.cpp decode for the trees of some slots and prompt chunks of others.
+
+        Every request is checked before the KV cache is touched. Trees then await `commit`;
+        chunks are committed at once. If the decode fails, the KV cache is as before.
+        """
+        slots = [request.slot for request in (*trees, *chunks)]
+        if len(set(slots)) != len(slots):
+            raise ValueError("one request per slot per decode")
+        all_depths = [self.check_tree(tree) for tree in trees]
+        for chunk in chunks:
+            self.check_chunk(chunk)
+        total = sum(len(tree.tokens) for tree in trees) + sum(len(c.tokens) for c in chunks)
+        if total > self._batch.capacity:
+            raise ValueError(f"{total} tokens exceed the decode capacity of {self._batch.capacity}")
+
+        tokens: list[int] = []
+        positions: list[int] = []
+        seqs: list[Sequence[int]] = []
+        outputs: list[bool] = []  # which tokens' logits (and features) llama.cpp returns
+        for tree, depths in zip(trees, all_depths, strict=True):
+            node_seqs = self._branch_tree(tree)
+            cached = self._slots[tree.slot].num_cached
+            tokens.extend(tree.tokens)
+            positions.extend(cached + depth for depth in depths)
+            seqs.extend(node_seqs)
+            outputs.extend([True] * len(tree.tokens))
+        for chunk in chunks:
+            cached = self._slots[chunk.slot].num_cached
+            base = self._slot_seq_ids(chunk.slot)[0]
+            count = len(chunk.tokens)
+            tokens.extend(chunk.tokens)
+            positions.extend(range(cached, cached + count))
+            seqs.extend([(base,)] * count)
+            outputs.extend([self.config.features] * (count - 1) + [True])
+        try:
+            self._decode(tokens, positions, seqs, outputs)
+        except RuntimeError:
+            for slot_index in slots:
+                self._drop_uncommitted(slot_index)
+            raise
+
+        num_outputs = sum(outputs)
+        logits = self._outputs(llama_cpp.llama_get_logits, num_outputs, self.vocab_size)
+        features = self._outputs(llama_cpp.llama_get_embeddings, num_outputs, self.hidden_size) \
+            if self.config.features else np.empty((num_outputs, 0), dtype=np.float32)
+        tree_outputs, chunk_outputs = [], []
+        offset = 0
+        for tree in trees:
+            rows = slice(offset, offset + len(tree.tokens))
+            tree_outputs.append(TreeOutput(logits=logits[rows].copy(),
+                                           features=features[rows].copy()))
+            offset = rows.stop
+        for chunk in chunks:
+            rows = slice(offset, offset + (len(chunk.tokens) if self.config.features else 1))
+            chunk_outputs.append(ChunkOutput(last_logits=logits[rows.stop - 1].copy(),
+                                             features=features[rows].copy()))
+            self._slots[chunk.slot].num_cached += len(chunk.tokens)
+            offset = rows.stop
+        return tree_outputs, chunk_outputs
+
+    def _branch_tree(self, tree: TreeRequest) -> list[list[int]]:
+        """Give each root→leaf branch its own sequence id; return every node's ids.
+
+        Branch k is sequence seq_ids[k]; branch 0 is the base sequence itself, the others
+        first share the committed prefix (cells gain a sequence id, nothing is copied).
+        """
+        slot = self._slots[tree.slot]
+        parents = tree.parents
+        num_nodes = len(tree.tokens)
+        leaves = _leaves(parents)
+        seq_ids = self._slot_seq_ids(tree.slot)
         node_seqs: list[list[int]] = [[] for _ in range(num_nodes)]
         node_leaf = [-1] * num_nodes
         for k, leaf in enumerate(leaves):
@@ -253,15 +357,17 @@ class Target:
                 if node_leaf[node] < 0:
                     node_leaf[node] = k
                 node = parents[node]
-
-        positions = [slot.num_cached + depth for depth in depths]
-        self._decode(tokens, positions, node_seqs)
         slot.node_leaf, slot.parents, slot.num_leaves = node_leaf, list(parents), len(leaves)
-        return TreeOutput(
-            logits=self._outputs(llama_cpp.llama_get_logits, num_nodes, self.vocab_size).copy(),
-            features=self._outputs(llama_cpp.llama_get_embeddings, num_nodes,
-                                   self.hidden_size).copy(),
-        )
+        return node_seqs
+
+    def _drop_uncommitted(self, slot_index: int) -> None:
+        """Undo a failed decode's bookkeeping: keep only the committed tokens."""
+        slot = self._slots[slot_index]
+        seq_ids = self._slot_seq_ids(slot_index)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_ids[0], slot.num_cached, -1)
+        for seq in seq_ids[1:]:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        slot.node_leaf, slot.parents, slot.num_leaves = None, None, 0
 
     def decode(self, slot_index: int, token: int) -> TreeOutput:
         """One token: a tree that is only a root. `commit(slot, [0])` keeps it."""
@@ -327,8 +433,8 @@ class Target:
         return slot
 
     def _decode(self, tokens: Sequence[int], positions: Sequence[int],
-                seq_ids: Sequence[Sequence[int]]) -> None:
-        self._batch.fill(tokens, positions, seq_ids)
+                seq_ids: Sequence[Sequence[int]], outputs: Sequence[bool]) -> None:
+        self._batch.fill(tokens, positions, seq_ids, outputs)
         status = llama_cpp.llama_decode(self._ctx, self._batch.raw)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
@@ -351,6 +457,13 @@ def _validate_tree(parents: Sequence[int], num_nodes: int) -> list[int]:
             raise ValueError(f"node {i} has parent {parents[i]}; parents must precede children")
         depths[i] = depths[parents[i]] + 1
     return depths
+
+
+def _leaves(parents: Sequence[int]) -> list[int]:
+    has_child = [False] * len(parents)
+    for parent in parents[1:]:
+        has_child[parent] = True
+    return [node for node in range(len(parents)) if not has_child[node]]
 
 
 def _validate_path(path: Sequence[int], parents: Sequence[int]) -> None:
