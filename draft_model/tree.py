@@ -30,6 +30,12 @@ class DraftTree:
     def root_only(cls, token: int) -> DraftTree:
         return cls([token], [-1], [0], [1.0])
 
+    @classmethod
+    def chain(cls, tokens: list[int]) -> DraftTree:
+        """The root tokens[0] followed by the drafted tokens in a line."""
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), list(range(len(tokens))),
+                   [1.0] * len(tokens))
+
     @property
     def num_drafted(self) -> int:
         return len(self.tokens) - 1

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from draft_model.humaneval import humaneval_messages, humaneval_problems
 from server.local_server import LocalServer
-from server.settings import describe_cpu, physical_cores
 from verifier.default_model import default_model_path
 from verifier.gguf_convert import write_f16_copy
+from verifier.machine import describe_cpu, physical_cores
 
 
 def parse_args(argv=None) -> argparse.Namespace:

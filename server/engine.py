@@ -21,8 +21,10 @@ from collections import Counter, deque
 
 import numpy as np
 
+from draft_model.ngram import NgramProposer
 from draft_model.proposer import Proposer
 from draft_model.tree import DraftTree
+from server.budget import LookupBudget
 from server.metrics import Metrics
 from server.sequence import Sequence, SequenceEvent
 from verifier.acceptance import Acceptance, accept_greedy, accept_sampled
@@ -33,10 +35,11 @@ log = logging.getLogger("dovetail.engine")
 
 
 class Engine:
-    def __init__(self, target: Target, proposer: Proposer | None = None,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, target: Target, proposer: Proposer | NgramProposer | None = None,
+                 metrics: Metrics | None = None, budget: LookupBudget | None = None) -> None:
         self.target = target
         self.proposer = proposer
+        self.budget = budget  # with prompt lookup: how many drafted tokens pay, per step
         self.metrics = metrics
         self.tokenizer = target.tokenizer
         self.chunk_size = target.config.batch_size  # prompt tokens read per step, at most
@@ -175,7 +178,11 @@ class Engine:
         return trees
 
     def _propose(self, sequence: Sequence) -> DraftTree:
-        tree = self.proposer.propose(sequence.draft_state, sequence.root_token)
+        if self.budget is not None:
+            tree = self.budget.propose(self.proposer, sequence.draft_state, sequence.root_token,
+                                       sequence.pending_proposals, len(sequence.output_tokens))
+        else:
+            tree = self.proposer.propose(sequence.draft_state, sequence.root_token)
         self.target.check_tree(TreeRequest(sequence.slot, tree.tokens, tree.parents))
         return tree
 
@@ -249,6 +256,8 @@ class Engine:
             sequence.add_token(token, self.tokenizer)
             if sequence.is_finished:
                 break
+        if self.budget is not None:
+            self.budget.score(sequence.pending_proposals, sequence.output_tokens)
 
     @staticmethod
     def _accept(sequence: Sequence, tree: DraftTree, output: TreeOutput) -> Acceptance:

@@ -8,14 +8,13 @@ Nothing below `server/` reads argv or the environment.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from verifier.default_model import default_model_path
+from verifier.machine import physical_cores
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: every tree branch of every slot is one
 
@@ -31,8 +30,14 @@ class Settings(BaseSettings):
     )
     draft: str = Field(
         "auto", description="Draft checkpoint folder; 'shipped' (the draft trained for the "
-        "default model); 'auto' (the shipped one when the target is the default model and a "
-        "GPU is present, else none); or 'none' for plain decoding.")
+        "default model); 'ngram' (prompt lookup in the request's own context); 'auto' (the "
+        "shipped one when the target is the default model and a GPU is present, else "
+        "'ngram'); "
+        "or 'none' for plain decoding.")
+    adaptive_budget: bool = Field(
+        True, description="With --draft ngram: verify per step only as many drafted tokens "
+        "as the measured costs and running acceptance say pay (zero included); off: always "
+        "up to --draft-tokens.")
     draft_top_k: int = Field(4, ge=1, le=32, description="Children per expanded draft node.")
     draft_depth: int = Field(5, ge=1, le=32, description="Levels of the draft tree below the root.")
     draft_tokens: int = Field(
@@ -70,9 +75,10 @@ class Settings(BaseSettings):
     @field_validator("draft")
     @classmethod
     def _draft_exists(cls, value: str) -> str:
-        if value not in ("none", "auto", "shipped") and not (Path(value) / "config.json").is_file():
+        named = ("none", "auto", "shipped", "ngram")
+        if value not in named and not (Path(value) / "config.json").is_file():
             raise ValueError(f"'{value}' is not a draft checkpoint folder (no config.json); "
-                             "use 'auto', 'shipped' or 'none'")
+                             "use 'auto', 'shipped', 'ngram' or 'none'")
         return value
 
     @model_validator(mode="after")
@@ -93,37 +99,6 @@ class Settings(BaseSettings):
     @property
     def num_threads(self) -> int:
         return self.threads or physical_cores()
-
-
-def physical_cores() -> int:
-    """Physical cores this process may use: llama.cpp gains nothing from SMT siblings."""
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores: set[tuple[str, str]] = set()
-    physical_id = ""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "physical id":
-                    physical_id = value.strip()
-                elif key == "core id":
-                    cores.add((physical_id, value.strip()))
-    except OSError:
-        pass
-    return max(1, min(len(cores), logical or 1) if cores else (logical or 1))
-
-
-def describe_cpu() -> str:
-    """'<model name>, N cores (M threads usable)' for reports of measured speed."""
-    name = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            name = next((line.partition(":")[2].strip() for line in cpuinfo
-                         if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name}, {physical_cores()} cores"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

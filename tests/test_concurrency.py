@@ -31,7 +31,7 @@ def stream_chat(server, text: str, max_tokens: int, extra: dict | None = None,
     body = {"model": "m", "messages": [{"role": "user", "content": text}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, **(extra or {})}
-    pieces, finish, usage, error, done = [], None, None, None, False
+    pieces, finish, usage, speculative, error, done = [], None, None, None, None, False
     with httpx.stream("POST", server.v1 + "/chat/completions", json=body,
                       headers=server.headers, timeout=timeout) as response:
         if response.status_code != 200:
@@ -52,7 +52,7 @@ def stream_chat(server, text: str, max_tokens: int, extra: dict | None = None,
                 continue
             assert chunk["object"] == "chat.completion.chunk"
             if not chunk["choices"]:
-                usage = chunk["usage"]
+                usage, speculative = chunk["usage"], chunk["speculative"]
                 continue
             choice = chunk["choices"][0]
             assert finish is None, "a chunk after the finish chunk"
@@ -62,7 +62,7 @@ def stream_chat(server, text: str, max_tokens: int, extra: dict | None = None,
             finish = choice["finish_reason"]
     assert done, "the stream did not end with [DONE]"
     return {"status": 200, "text": "".join(pieces), "finish": finish, "usage": usage,
-            "error": error}
+            "speculative": speculative, "error": error}
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +180,24 @@ def test_shutdown_ends_running_streams_properly_and_refuses_the_rest(tmp_path):
             stop_server(server)
     log = (tmp_path / "server.log").read_text()
     assert "Traceback" not in log
+
+
+def test_prompt_lookup_served_concurrently_equals_plain_decoding(f16_model, f16_server,
+                                                                  tmp_path):
+    """`--draft ngram` (forced to draft every step it finds a match) with eight clients at
+    once: each output equals plain decoding of the same request alone (F16)."""
+    texts = [f"Repeat exactly, twice: {TOPICS[i]}, {TOPICS[i + 1]}, {TOPICS[i + 2]}."
+             for i in range(8)]
+    plain = [stream_chat(f16_server, text, 40) for text in texts]
+    lookup = start_server("--model", str(f16_model), "--draft", "ngram",
+                          "--no-adaptive-budget", "--max-concurrency", "4", "--ctx-size", "512",
+                          log_path=tmp_path / "server.log")
+    try:
+        with ThreadPoolExecutor(len(texts)) as pool:
+            replies = list(pool.map(lambda text: stream_chat(lookup, text, 40), texts))
+    finally:
+        stop_server(lookup)
+    for reply, reference in zip(replies, plain, strict=True):
+        assert reply["status"] == 200 and reply["error"] is None
+        assert reply["text"] == reference["text"]
+    assert sum(reply["speculative"]["accepted_tokens"] for reply in replies) > 0

@@ -52,17 +52,19 @@ def test_which_draft_is_served(tmp_path):
     import torch
 
     from draft_model.shipped import SHIPPED_DRAFT
-    from server.app import draft_checkpoint
+    from server.app import NGRAM, draft_source
 
-    assert draft_checkpoint(parse(["--draft", "none"])) is None
-    assert draft_checkpoint(parse(["--draft", "shipped"])) == SHIPPED_DRAFT
-    # auto: the shipped draft only for the default model with the draft on a GPU
-    assert draft_checkpoint(parse(["--draft-device", "cpu"])) is None
+    assert draft_source(parse(["--draft", "none"])) is None
+    assert draft_source(parse(["--draft", "shipped"])) == SHIPPED_DRAFT
+    assert draft_source(parse(["--draft", "ngram"])) == NGRAM
+    # auto: the shipped draft only for the default model with the draft on a GPU;
+    # elsewhere prompt lookup under the adaptive budget
+    assert draft_source(parse(["--draft-device", "cpu"])) == NGRAM
     model = tmp_path / "other.gguf"
     model.write_bytes(b"")
-    assert draft_checkpoint(parse(["--model", str(model)])) is None
+    assert draft_source(parse(["--model", str(model)])) == NGRAM
     on_gpu = torch.cuda.is_available()
-    assert draft_checkpoint(parse([])) == (SHIPPED_DRAFT if on_gpu else None)
+    assert draft_source(parse([])) == (SHIPPED_DRAFT if on_gpu else NGRAM)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "config.json").write_text("{}")
-    assert draft_checkpoint(parse(["--draft", str(tmp_path / "mine")])) == tmp_path / "mine"
+    assert draft_source(parse(["--draft", str(tmp_path / "mine")])) == tmp_path / "mine"

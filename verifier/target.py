@@ -1,7 +1,8 @@
 """The CPU target on llama.cpp's low-level API: prefill, verify a token tree, commit.
 
-One llama.cpp context serves every request. Its KV cache is *unified* (one pool of cells
-shared by all sequence ids), which is what lets a single decode verify a tree: each
+One llama.cpp context serves every request. When trees have branches its KV cache is
+*unified* (one pool of cells shared by all sequence ids), which is what lets a single
+decode verify a tree: each
 root→leaf branch is its own sequence id and a node carries the ids of every branch through
 it, so each node attends exactly to the committed prefix plus its own ancestors.
 
@@ -171,7 +172,10 @@ class Target:
         ctx_params.n_threads_batch = config.num_threads
         ctx_params.embeddings = config.features
         ctx_params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
-        ctx_params.kv_unified = True
+        # Trees need one pool of cells shared by their branches' sequence ids. Without
+        # branches (plain decoding, chains) each slot gets its own cells, and a token
+        # attends over its own request's cells only, not over every request's.
+        ctx_params.kv_unified = config.max_tree_branches > 1
         ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn
                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)

@@ -1,0 +1,69 @@
+"""Prompt lookup: propose the tokens that followed the last n tokens where they occurred
+before in the request's own context (prompt and output so far). Nearly free — no model,
+no features — and strong on code, which repeats identifiers and whole lines.
+
+The longest suffix (max_ngram tokens down to min_ngram) with an earlier occurrence wins;
+among its occurrences the most recent one. The proposal is a chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from draft_model.tree import DraftTree
+
+
+@dataclass
+class NgramState:
+    tokens: list[int] = field(default_factory=list)  # the context, the root included
+    # n-gram (as a tuple) → the index just after its latest occurrence, for every n
+    index: dict[tuple[int, ...], int] = field(default_factory=dict)
+
+
+class NgramProposer:
+    needs_features = False
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_tokens: int = 8) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError("need 1 ≤ min_ngram ≤ max_ngram")
+        self.max_ngram, self.min_ngram, self.max_tokens = max_ngram, min_ngram, max_tokens
+
+    def new_state(self, capacity: int) -> NgramState:
+        return NgramState()
+
+    def begin(self, state: NgramState, prompt_tokens: list[int], prompt_features,
+              root_token: int) -> None:
+        self._extend(state, [*prompt_tokens, root_token])
+
+    def commit(self, state: NgramState, path_features, next_tokens: list[int]) -> None:
+        self._extend(state, next_tokens)
+
+    def propose(self, state: NgramState, root_token: int,
+                max_tokens: int | None = None) -> DraftTree:
+        """A chain of up to max_tokens drafted tokens after the root (the context's end)."""
+        limit = self.max_tokens if max_tokens is None else max_tokens
+        continuation, _ = self.lookup(state, limit)
+        return DraftTree.chain([root_token, *continuation])
+
+    def lookup(self, state: NgramState, limit: int) -> tuple[list[int], int]:
+        """(the tokens after the latest earlier occurrence of the longest matching suffix,
+        that suffix's length); ([], 0) if none."""
+        tokens = state.tokens
+        if limit <= 0:
+            return [], 0
+        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
+            start = state.index.get(tuple(tokens[-n:]))
+            if start is not None:
+                return tokens[start : start + limit], n
+        return [], 0
+
+    def _extend(self, state: NgramState, new_tokens: list[int]) -> None:
+        """Append tokens; index every n-gram that now has a successor."""
+        tokens = state.tokens
+        for token in new_tokens:
+            tokens.append(token)
+            end = len(tokens) - 1  # the new token's index: it follows the n-grams ending here
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if end - n < 0:
+                    break
+                state.index[tuple(tokens[end - n : end])] = end

@@ -1,0 +1,37 @@
+"""The machine the target runs on: usable cores, and a name for reports."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: llama.cpp gains nothing from SMT siblings."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores: set[tuple[str, str]] = set()
+    physical_id = ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    physical_id = value.strip()
+                elif key == "core id":
+                    cores.add((physical_id, value.strip()))
+    except OSError:
+        pass
+    return max(1, min(len(cores), logical or 1) if cores else (logical or 1))
+
+
+def describe_cpu() -> str:
+    """'<model name>, N cores (M threads usable)' for reports of measured speed."""
+    name = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next((line.partition(":")[2].strip() for line in cpuinfo
+                         if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {physical_cores()} cores"
