@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from verifier.machine import describe_cpu
 from verifier.target import Target
@@ -39,9 +40,9 @@ class VerifyCosts:
 
 
 def measure_verify_costs(target: Target, sizes=DEFAULT_SIZES, context: int = 200,
-                         repeats: int = 5) -> VerifyCosts:
+                         repeats: int = 5, progress: str | None = None) -> VerifyCosts:
     """Median time of a k-token chain verified after `context` cached tokens, for each k.
-    Needs one free slot; leaves the target as it was."""
+    Needs one free slot; leaves the target as it was. `progress`: a progress bar's label."""
     sizes = [k for k in sizes if k <= target.config.max_tree_nodes]
     slot = target.acquire_slot()
     try:
@@ -49,7 +50,8 @@ def measure_verify_costs(target: Target, sizes=DEFAULT_SIZES, context: int = 200
         prompt = rng.integers(100, target.vocab_size - 100, size=context).tolist()
         target.prefill(slot, prompt)
         seconds = {}
-        for k in sizes:
+        for k in sizes if progress is None else tqdm(sizes, desc=progress, unit="size",
+                                                       dynamic_ncols=True):
             tokens = rng.integers(100, target.vocab_size - 100, size=k).tolist()
             parents = list(range(-1, k - 1))
             times = []

@@ -1,0 +1,65 @@
+"""scripts/humaneval_throughput.py on a tiny run: all four systems, the report's numbers
+consistent with each other, the files written."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "humaneval_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("throughput") / "he"
+    argv = sys.argv
+    sys.argv = [str(SCRIPT), "--count", "2", "--max-tokens", "12", "--check",
+                "--threads", "2", "--out", str(out)]
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    finally:
+        sys.argv = argv
+    return out, json.loads(out.with_suffix(".json").read_text())
+
+
+def test_report_covers_every_system_and_problem(report):
+    out, data = report
+    systems = [s["system"] for s in data["summary"]]
+    assert systems == ["dovetail", "dovetail-plain", "llama-cpp", "llama-cpp-lookup"]
+    for name in systems:
+        rows = data["rows"][name]
+        assert [row["task_id"] for row in rows] == ["HumanEval/0", "HumanEval/1"]
+        assert all(0 < row["tokens"] <= 16 and row["seconds"] > 0 for row in rows)
+        assert all(isinstance(row["passed"], bool) for row in rows)
+    by_name = {s["system"]: s for s in data["summary"]}
+    assert by_name["llama-cpp"]["speedup_total"] == pytest.approx(1.0)
+    assert by_name["dovetail-plain"]["tau"] == pytest.approx(1.0, abs=0.1)
+    assert by_name["dovetail-plain"]["acceptance_rate"] is None
+    # plain decoding of the same model says what llama-cpp-python says
+    assert by_name["dovetail-plain"]["same_text_as_llama_cpp"] == 2
+    for s in data["summary"]:
+        assert s["q1_tok_s"] <= s["median_tok_s"] <= s["q3_tok_s"]
+        assert 0 <= s["pass_at_1"] <= 1
+    table = out.with_suffix(".md").read_text()
+    assert all(f"| {name} |" in table for name in systems)
+    for suffix in ("_throughput.png", "_acceptance.png"):
+        assert (out.parent / (out.name + suffix)).stat().st_size > 1000
+
+
+def test_code_extraction_and_the_execution_check():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import humaneval_throughput as script
+    finally:
+        sys.path.pop(0)
+    problem = {"prompt": "def add(a, b):\n    \"\"\"Add.\"\"\"\n",
+               "test": "def check(f):\n    assert f(2, 3) == 5\n", "entry_point": "add"}
+    good = "Here:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+    assert script.extract_code(good) == "def add(a, b):\n    return a + b\n"
+    assert script.passes(problem, good)
+    assert not script.passes(problem, "```python\ndef add(a, b):\n    return a - b\n```")
+    assert not script.passes(problem, "```python\nwhile True:\n    pass\n```", timeout=1)
