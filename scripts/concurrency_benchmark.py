@@ -40,8 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--offset", type=int, default=0, help="first HumanEval problem")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="0: one per physical core")
-    parser.add_argument("--serve-args", default="--draft none",
-                        help="extra `dovetail serve` flags (default: plain decoding)")
+    parser.add_argument("--serve-args", default="--draft none --no-prefix-reuse",
+                        help="extra `dovetail serve` flags (default: plain decoding, every "
+                        "prompt read in full — the rounds repeat the same prompts)")
     parser.add_argument("--out", type=Path, default=Path("concurrency_benchmark"),
                         help="output path without suffix: .json, .md and .png are written")
     return parser.parse_args(argv)

@@ -179,7 +179,8 @@ def write_report(report: dict, big: VerifyCosts | None, level: float,
     for k in (4, 8, 16, 32):
         if k <= args.max_k:
             depth = min(k - 1, 7)
-            axis.plot(taus, projection(big, level, taus, k, depth), label=f"k = {k}")
+            reachable = taus[taus <= depth + 1]  # τ cannot pass the tree's depth + 1
+            axis.plot(reachable, projection(big, level, reachable, k, depth), label=f"k = {k}")
     k, tau = PAPER_POINT
     point = projection(big, level, np.array([tau]), k, 7)[0]
     axis.scatter([tau], [point], color="black", zorder=5)

@@ -80,6 +80,8 @@ def build_engine(settings: Settings) -> Engine:
         num_threads=settings.num_threads,
         flash_attn=settings.flash_attn,
         features=source not in (None, NGRAM),
+        # the draft needs every prompt token's features, so it reads whole prompts
+        reuse_prefixes=settings.prefix_reuse and source in (None, NGRAM),
     ))
     if source is None:
         return Engine(target)
@@ -156,6 +158,7 @@ def create_app(settings: Settings,
             metrics.running.set(engine.num_active)
             metrics.free_slots.set(engine.target.num_free_slots)
             metrics.kv_cells_used.set(engine.kv_cells_used)
+            metrics.kv_cells_cached.set(engine.kv_cells_cached)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/health")

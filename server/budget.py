@@ -53,15 +53,22 @@ class AcceptanceEstimate:
         return expected
 
 
+MIN_GAIN = 1.1  # speculate only for an expected gain of 10% or more over plain decoding
+
+
 def best_length(costs: VerifyCosts, acceptance: AcceptanceEstimate, max_drafted: int,
-                draft_seconds: Callable[[int], float] = lambda k: 0.0) -> int:
-    """The k in 0..max_drafted that maximises expected tokens per second."""
-    best, best_rate = 0, 1.0 / costs.of(1)
+                draft_seconds: Callable[[int], float] = lambda k: 0.0,
+                min_gain: float = MIN_GAIN) -> int:
+    """The k in 0..max_drafted that maximises expected tokens per second — but k = 0 unless
+    the best k is expected to beat plain decoding by min_gain: the estimates are noisy, and
+    with a quantized target every verified draft may also move a near-tie (see README)."""
+    plain_rate = 1.0 / costs.of(1)
+    best, best_rate = 0, plain_rate
     for k in range(1, max_drafted + 1):
         rate = acceptance.expected_tokens(k) / (costs.of(k + 1) + draft_seconds(k))
         if rate > best_rate:
             best, best_rate = k, rate
-    return best
+    return best if best_rate >= min_gain * plain_rate else 0
 
 
 @dataclass

@@ -50,6 +50,7 @@ class Engine:
         self._drain_deadline: float | None = None
         self._thread: threading.Thread | None = None
         self.kv_cells_used = 0  # read by /metrics; written only by the engine thread
+        self.kv_cells_cached = 0  # kept by free slots for prompt prefixes
 
     # -- called from other threads ----------------------------------------------------------
 
@@ -133,6 +134,7 @@ class Engine:
             self._emit(sequence)
         self._retire()
         self.kv_cells_used = self.target.num_kv_cells_used()
+        self.kv_cells_cached = self.target.num_kv_cells_cached()
 
     def _is_past_due(self, sequence: Sequence, now: float) -> bool:
         drain = self._drain_deadline
@@ -156,11 +158,13 @@ class Engine:
                 self._emit(sequence)
 
     def _admit(self) -> None:
-        """Give waiting sequences a slot; their prompts are read over the next steps."""
+        """Give waiting sequences a slot; their prompts are read over the next steps (all
+        but the prefix the slot may still hold from an earlier request)."""
         while self._waiting and self.target.num_free_slots:
             with self._wakeup:
                 sequence = self._waiting.popleft()
-            sequence.slot = self.target.acquire_slot()
+            sequence.slot = self.target.acquire_slot(sequence.prompt_tokens)
+            sequence.num_prompt_read = self.target.num_cached(sequence.slot)  # a kept prefix
             self._active.append(sequence)
 
     def _draft(self, sequences: list[Sequence]) -> list[tuple[Sequence, DraftTree]]:
@@ -187,8 +191,8 @@ class Engine:
         return tree
 
     def _next_chunks(self, sequences: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
-        """Up to chunk_size prompt tokens in all, oldest request first. Chunks start at
-        multiples of chunk_size, as they do for a request served alone."""
+        """Up to chunk_size prompt tokens in all, oldest request first. Each chunk is as
+        long as it would be for the request alone."""
         budget = self.chunk_size
         chunks = []
         for sequence in sequences:

@@ -44,8 +44,12 @@ class Metrics:
                              registry=registry)
         self.free_slots = Gauge(prefix + "free_slots", "KV slots free for new requests",
                                 registry=registry)
-        self.kv_cells_used = Gauge(prefix + "kv_cells_used", "Target KV cache cells in use",
+        self.kv_cells_used = Gauge(prefix + "kv_cells_used",
+                                   "Target KV cache cells held by running requests",
                                    registry=registry)
+        self.kv_cells_cached = Gauge(prefix + "kv_cells_cached",
+                                     "Target KV cache cells free slots keep for prompt prefixes",
+                                     registry=registry)
         self.time_to_first_token = Histogram(
             prefix + "time_to_first_token_seconds", "Request arrival to first token",
             buckets=LATENCY_BUCKETS, registry=registry)

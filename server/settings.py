@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         64, ge=0, description="Requests that may wait for a slot; beyond it: 429 + Retry-After."
     )
+    prefix_reuse: bool = Field(
+        True, description="Keep a finished request's KV cells and skip the prompt prefix a "
+        "new request shares with them (plain decoding and prompt lookup).")
     request_timeout: float = Field(
         600, ge=0, description="Seconds a request may take from arrival (0: no limit); one "
         "still waiting for a slot then gets 503, one generating ends with what it has.")

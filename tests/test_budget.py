@@ -64,6 +64,10 @@ def test_budget_chooses_zero_when_speculation_loses():
     so_so = AcceptanceEstimate(8, prior=0.6)
     assert best_length(TWO_CORE_Q4, so_so, 8) == 0
     assert best_length(FLAT, AcceptanceEstimate(8, prior=0.0), 8) == 0
+    # a gain too small to trust: 1.1 expected tokens for 1.05x the cost
+    slight = VerifyCosts({1: 0.010, 2: 0.0105})
+    assert best_length(slight, AcceptanceEstimate(1, prior=0.1), 1) == 0
+    assert best_length(slight, AcceptanceEstimate(1, prior=0.1), 1, min_gain=1.0) == 1
 
 
 def test_budget_grows_with_flat_verification_and_good_acceptance():

@@ -124,3 +124,40 @@ def test_drain_refuses_the_queue_and_gives_running_requests_their_grace(target):
     engine.step()
     assert [item.finish_reason for item in items[:2]] == ["timeout", "timeout"]
     assert target.num_free_slots == 2 and engine.num_active == 0
+
+
+def test_a_kept_prompt_prefix_is_reused_and_changes_nothing(f16_model, target):
+    reusing = make_target(f16_model, num_slots=2, max_tree_nodes=1, max_tree_branches=1,
+                          features=False, reuse_prefixes=True)
+    try:
+        engine = Engine(reusing)
+        first = sequence(reusing, "Write a haiku about the sea.")
+        engine.submit(first)
+        while not first.is_finished:
+            engine.step()
+        assert reusing.num_kv_cells_used() == 0
+        kept = reusing.num_kv_cells_cached()  # the last token emitted never entered the KV
+        assert kept == len(first.prompt_tokens) + len(first.output_tokens) - \
+            (first.finish_reason == "length")
+        second = sequence(reusing, "Write a haiku about the moon.")
+        shared = next(i for i, (a, b) in enumerate(zip(first.prompt_tokens,
+                                                       second.prompt_tokens, strict=False))
+                      if a != b)
+        engine.submit(second)
+        engine.step()
+        assert reusing.num_cached(second.slot) >= shared  # only the rest was read
+        while not second.is_finished:
+            engine.step()
+        same = sequence(reusing, "Write a haiku about the sea.")  # all but two tokens kept
+        engine.submit(same)
+        engine.step()
+        assert same.num_verify_steps == 1 and reusing.num_cached(same.slot) == \
+            len(same.prompt_tokens)
+        assert reusing.num_kv_cells_used() == len(same.prompt_tokens)
+        while not same.is_finished:
+            engine.step()
+    finally:
+        reusing.close()
+    assert second.output_tokens == run_alone(target, "Write a haiku about the moon.")
+    assert same.output_tokens == first.output_tokens == \
+        run_alone(target, "Write a haiku about the sea.")

@@ -50,6 +50,9 @@ class TargetConfig:
     # Post-norm features of every evaluated token, for a draft model. Off (plain decoding):
     # no features, and a prompt chunk computes logits for its last token only.
     features: bool = True
+    # A released slot keeps its tokens' KV; a new prompt gets the free slot that shares the
+    # longest prefix with it and skips evaluating that prefix (as llama-cpp-python does).
+    reuse_prefixes: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ class _Slot:
     parents: list[int] | None = None
     num_leaves: int = 0
     is_free: bool = True
+    tokens: list[int] = field(default_factory=list)  # the committed token ids
+    tree_tokens: list[int] | None = None  # the tree awaiting commit
 
 
 @dataclass
@@ -204,18 +209,39 @@ class Target:
     def num_free_slots(self) -> int:
         return sum(slot.is_free for slot in self._slots)
 
-    def acquire_slot(self) -> int:
-        for index, slot in enumerate(self._slots):
-            if slot.is_free:
-                self._slots[index] = _Slot(is_free=False)
-                return index
-        raise RuntimeError("no free slot")
+    def acquire_slot(self, prompt: Sequence[int] = ()) -> int:
+        """A free slot, empty — or, with reuse_prefixes, the free slot whose kept tokens share
+        the longest prefix with `prompt`, holding that prefix (all but the prompt's last two
+        tokens at most): see `num_cached`."""
+        free = [index for index, slot in enumerate(self._slots) if slot.is_free]
+        if not free:
+            raise RuntimeError("no free slot")
+        best, keep = free[0], 0
+        if self.config.reuse_prefixes and prompt:
+            # longest shared prefix; among equals, the slot that keeps least (spare the rest)
+            shared = {index: _common_prefix(self._slots[index].tokens, prompt) for index in free}
+            best = max(free, key=lambda index: (shared[index], -len(self._slots[index].tokens)))
+            # Leave at least two tokens to evaluate: a quantized model's one-token kernels
+            # round differently from its batched ones, and the prompt's last logits must
+            # not depend on whether a prefix was kept.
+            keep = max(0, min(shared[best], len(prompt) - 2))
+        else:
+            best = min(free, key=lambda index: len(self._slots[index].tokens))
+        base = self._slot_seq_ids(best)[0]
+        llama_cpp.llama_memory_seq_rm(self._memory, base, keep, -1)
+        self._slots[best] = _Slot(num_cached=keep, is_free=False,
+                                  tokens=self._slots[best].tokens[:keep])
+        return best
 
     def release_slot(self, slot_index: int) -> None:
-        """Drop every KV cell of the slot (committed and scratch) and free it."""
-        for seq in self._slot_seq_ids(slot_index):
-            llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
-        self._slots[slot_index] = _Slot(is_free=True)
+        """Free the slot: drop its scratch branches and an uncommitted tree; its committed
+        cells too, unless reuse_prefixes keeps them for a later prompt."""
+        slot = self._slots[slot_index]
+        self._drop_uncommitted(slot_index)
+        if not self.config.reuse_prefixes:
+            llama_cpp.llama_memory_seq_rm(self._memory, self._slot_seq_ids(slot_index)[0], -1, -1)
+            slot.tokens = []
+        self._slots[slot_index] = _Slot(is_free=True, tokens=slot.tokens)
 
     def num_cached(self, slot_index: int) -> int:
         return self._slots[slot_index].num_cached
@@ -336,6 +362,7 @@ class Target:
             chunk_outputs.append(ChunkOutput(last_logits=logits[rows.stop - 1].copy(),
                                              features=features[rows].copy()))
             self._slots[chunk.slot].num_cached += len(chunk.tokens)
+            self._slots[chunk.slot].tokens.extend(chunk.tokens)
             offset = rows.stop
         return tree_outputs, chunk_outputs
 
@@ -362,6 +389,7 @@ class Target:
                     node_leaf[node] = k
                 node = parents[node]
         slot.node_leaf, slot.parents, slot.num_leaves = node_leaf, list(parents), len(leaves)
+        slot.tree_tokens = list(tree.tokens)
         return node_seqs
 
     def _drop_uncommitted(self, slot_index: int) -> None:
@@ -372,6 +400,7 @@ class Target:
         for seq in seq_ids[1:]:
             llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
         slot.node_leaf, slot.parents, slot.num_leaves = None, None, 0
+        slot.tree_tokens = None
 
     def decode(self, slot_index: int, token: int) -> TreeOutput:
         """One token: a tree that is only a root. `commit(slot, [0])` keeps it."""
@@ -403,7 +432,9 @@ class Target:
         for k in range(1, slot.num_leaves):
             llama_cpp.llama_memory_seq_rm(self._memory, seq_ids[k], -1, -1)
         slot.num_cached = end
+        slot.tokens.extend(slot.tree_tokens[node] for node in path)
         slot.node_leaf, slot.parents, slot.num_leaves = None, None, 0
+        slot.tree_tokens = None
 
     def sequence_positions(self, slot_index: int) -> list[tuple[int, int]]:
         """(min, max) position held by each of the slot's sequences, base first; (-1, -1)
@@ -413,13 +444,17 @@ class Target:
                 for seq in self._slot_seq_ids(slot_index)]
 
     def num_kv_cells_used(self) -> int:
-        """KV cells held by all sequences of all slots (call from the decoding thread)."""
-        used = 0
-        for slot_index in range(len(self._slots)):
-            for low, high in self.sequence_positions(slot_index):
-                if high >= 0:
-                    used += high - low + 1
-        return used
+        """KV cells held by the sequences of acquired slots (call from the decoding thread)."""
+        return sum(self._cells(index) for index, slot in enumerate(self._slots)
+                   if not slot.is_free)
+
+    def num_kv_cells_cached(self) -> int:
+        """KV cells that free slots keep for prompt prefixes (reuse_prefixes)."""
+        return sum(self._cells(index) for index, slot in enumerate(self._slots) if slot.is_free)
+
+    def _cells(self, slot_index: int) -> int:
+        return sum(high - low + 1 for low, high in self.sequence_positions(slot_index)
+                   if high >= 0)
 
     def close(self) -> None:
         if self._ctx:
@@ -461,6 +496,15 @@ def _validate_tree(parents: Sequence[int], num_nodes: int) -> list[int]:
             raise ValueError(f"node {i} has parent {parents[i]}; parents must precede children")
         depths[i] = depths[parents[i]] + 1
     return depths
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
 
 
 def _leaves(parents: Sequence[int]) -> list[int]:
