@@ -133,8 +133,7 @@ class Engine:
         for sequence in self._active:
             self._emit(sequence)
         self._retire()
-        self.kv_cells_used = self.target.num_kv_cells_used()
-        self.kv_cells_cached = self.target.num_kv_cells_cached()
+        self.kv_cells_used, self.kv_cells_cached = self.target.kv_cells()
 
     def _is_past_due(self, sequence: Sequence, now: float) -> bool:
         drain = self._drain_deadline

@@ -106,7 +106,7 @@ def test_deadlines_refuse_the_waiting_and_end_the_running(target):
     engine.cancel(running[1])
     engine.step()
     assert running[1].finish_reason == "cancelled"
-    assert target.num_free_slots == 2 and target.num_kv_cells_used() == 0
+    assert target.num_free_slots == 2 and target.kv_cells()[0] == 0
 
 
 def test_drain_refuses_the_queue_and_gives_running_requests_their_grace(target):
@@ -135,8 +135,8 @@ def test_a_kept_prompt_prefix_is_reused_and_changes_nothing(f16_model, target):
         engine.submit(first)
         while not first.is_finished:
             engine.step()
-        assert reusing.num_kv_cells_used() == 0
-        kept = reusing.num_kv_cells_cached()  # the last token emitted never entered the KV
+        used, kept = reusing.kv_cells()  # the last token emitted never entered the KV
+        assert used == 0
         assert kept == len(first.prompt_tokens) + len(first.output_tokens) - \
             (first.finish_reason == "length")
         second = sequence(reusing, "Write a haiku about the moon.")
@@ -153,7 +153,7 @@ def test_a_kept_prompt_prefix_is_reused_and_changes_nothing(f16_model, target):
         engine.step()
         assert same.num_verify_steps == 1 and reusing.num_cached(same.slot) == \
             len(same.prompt_tokens)
-        assert reusing.num_kv_cells_used() == len(same.prompt_tokens)
+        assert reusing.kv_cells()[0] == len(same.prompt_tokens)
         while not same.is_finished:
             engine.step()
     finally:

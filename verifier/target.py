@@ -443,18 +443,18 @@ class Target:
                  llama_cpp.llama_memory_seq_pos_max(self._memory, seq))
                 for seq in self._slot_seq_ids(slot_index)]
 
-    def num_kv_cells_used(self) -> int:
-        """KV cells held by the sequences of acquired slots (call from the decoding thread)."""
-        return sum(self._cells(index) for index, slot in enumerate(self._slots)
-                   if not slot.is_free)
-
-    def num_kv_cells_cached(self) -> int:
-        """KV cells that free slots keep for prompt prefixes (reuse_prefixes)."""
-        return sum(self._cells(index) for index, slot in enumerate(self._slots) if slot.is_free)
-
-    def _cells(self, slot_index: int) -> int:
-        return sum(high - low + 1 for low, high in self.sequence_positions(slot_index)
-                   if high >= 0)
+    def kv_cells(self) -> tuple[int, int]:
+        """(KV cells held by acquired slots, cells free slots keep for prompt prefixes), in
+        one pass over the sequences (call from the decoding thread)."""
+        used = cached = 0
+        for index, slot in enumerate(self._slots):
+            cells = sum(high - low + 1 for low, high in self.sequence_positions(index)
+                        if high >= 0)
+            if slot.is_free:
+                cached += cells
+            else:
+                used += cells
+        return used, cached
 
     def close(self) -> None:
         if self._ctx:
