@@ -21,8 +21,6 @@ class NgramState:
 
 
 class NgramProposer:
-    needs_features = False
-
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_tokens: int = 8) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError("need 1 ≤ min_ngram ≤ max_ngram")

@@ -40,8 +40,6 @@ class DraftState:
 
 
 class Proposer:
-    needs_features = True  # the target's features of accepted tokens drive the draft
-
     def __init__(self, model: DraftModel, shape: TreeShape) -> None:
         self.model = model.eval()
         self.shape = shape

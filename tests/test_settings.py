@@ -52,7 +52,7 @@ def test_which_draft_is_served(tmp_path):
     import torch
 
     from draft_model.shipped import SHIPPED_DRAFT
-    from server.app import NGRAM, draft_source
+    from server.builder import NGRAM, draft_source
 
     assert draft_source(parse(["--draft", "none"])) is None
     assert draft_source(parse(["--draft", "shipped"])) == SHIPPED_DRAFT

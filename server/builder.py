@@ -1,0 +1,79 @@
+"""From settings to a running engine: which draft (if any), the target, the budget."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from draft_model.checkpoint import load_checkpoint
+from draft_model.device import default_dtype, resolve_device
+from draft_model.ngram import NgramProposer
+from draft_model.proposer import Proposer, TreeShape
+from draft_model.shipped import SHIPPED_DRAFT
+from draft_model.target_weights import read_target_weights
+from server.budget import LookupBudget
+from server.engine import Engine
+from server.settings import Settings
+from verifier.costs import cached_verify_costs
+from verifier.target import Target, TargetConfig
+
+log = logging.getLogger("dovetail.server")
+
+NGRAM = "ngram"
+
+
+def draft_source(settings: Settings) -> Path | str | None:
+    """A draft checkpoint folder, NGRAM (prompt lookup), or None (plain decoding).
+
+    'auto' uses the shipped draft where it is known to pay: with the default target and the
+    draft on a GPU. On a CPU-only machine the shipped draft's full-vocabulary head costs
+    more per step than the target saves (see docs/draft-model-card.md); there 'auto' uses
+    prompt lookup under the adaptive budget, which verifies drafted tokens only while the
+    measured costs and acceptance say they pay.
+    """
+    if settings.draft in ("none", NGRAM):
+        return None if settings.draft == "none" else NGRAM
+    if settings.draft == "shipped":
+        return SHIPPED_DRAFT
+    if settings.draft == "auto":
+        uses_default_model = settings.model is None
+        on_gpu = resolve_device(settings.draft_device).type == "cuda"
+        return SHIPPED_DRAFT if uses_default_model and on_gpu else NGRAM
+    return Path(settings.draft)
+
+
+def build_engine(settings: Settings) -> Engine:
+    source = draft_source(settings)
+    tree_tokens = 1 if source is None else settings.draft_tokens
+    target = Target(TargetConfig(
+        model_path=settings.model_path,
+        num_slots=settings.max_concurrency,
+        ctx_size=settings.ctx_size,
+        max_tree_nodes=tree_tokens,
+        max_tree_branches=1 if source in (None, NGRAM) else tree_tokens,  # chains: 1 branch
+        batch_size=settings.batch_size,
+        num_threads=settings.num_threads,
+        flash_attn=settings.flash_attn,
+        features=source not in (None, NGRAM),
+        # the draft needs every prompt token's features, so it reads whole prompts
+        reuse_prefixes=settings.prefix_reuse and source in (None, NGRAM),
+    ))
+    if source is None:
+        return Engine(target)
+    if source == NGRAM:
+        proposer = NgramProposer(max_tokens=tree_tokens - 1)
+        if not settings.adaptive_budget:
+            log.info("prompt lookup: up to %d drafted tokens per step", tree_tokens - 1)
+            return Engine(target, proposer)
+        costs = cached_verify_costs(target)
+        log.info("prompt lookup, adaptive budget; verification costs (ms): %s",
+                 {k: round(v * 1000, 1) for k, v in costs.seconds.items()})
+        return Engine(target, proposer,
+                      budget=LookupBudget(costs, proposer.max_ngram, tree_tokens - 1))
+    device = resolve_device(settings.draft_device)
+    model = load_checkpoint(source, read_target_weights(settings.model_path), device,
+                            default_dtype(device))
+    shape = TreeShape(top_k=settings.draft_top_k, depth=settings.draft_depth,
+                      total_tokens=settings.draft_tokens)
+    log.info("draft %s on %s: %s", source, device, shape)
+    return Engine(target, Proposer(model, shape))
