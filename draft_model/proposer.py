@@ -70,16 +70,25 @@ class Proposer:
         state.pending_tokens.extend(next_tokens)
 
     @torch.inference_mode()
-    def propose(self, state: DraftState, root_token: int) -> DraftTree:
+    def propose(self, state: DraftState, root_token: int,
+                graft: tuple[list[int], list[float]] | None = None) -> DraftTree:
+        """The draft's tree below root_token. graft: (tokens, cumulative log-scores) of a
+        chain from another proposer, ranked together with the draft's candidates."""
+        builder = TreeBuilder(root_token, self.shape.top_k, self.shape.total_tokens)
+        self._grow(state, builder)
+        if graft is not None:
+            builder.add_chain(*graft)
+        return builder.finish()
+
+    def _grow(self, state: DraftState, builder: TreeBuilder) -> None:
         shape = self.shape
         hidden = self._catch_up(state)  # [H]: predicts the root's children
         if hidden is None or shape.total_tokens <= 1:
-            return DraftTree.root_only(root_token)
+            return
         committed = state.num_committed
         if committed + shape.max_scratch_slots + shape.depth > state.cache.capacity:
-            return DraftTree.root_only(root_token)  # no room left to draft
+            return  # no room left to draft
 
-        builder = TreeBuilder(root_token, shape.top_k, shape.total_tokens)
         depth = min(shape.depth, shape.total_tokens - 1)
         frontier = builder.add_children([0], *self._top_children(hidden[None]))
         proposer_hidden = {node: hidden for node in frontier}  # node → output that proposed it
@@ -108,7 +117,6 @@ class Proposer:
             frontier = builder.add_children(expanded, *children)
             by_parent = dict(zip(expanded, outputs, strict=True))
             proposer_hidden = {node: by_parent[builder.parents[node]] for node in frontier}
-        return builder.finish()
 
     def _catch_up(self, state: DraftState) -> torch.Tensor | None:
         """Run the pending pairs through the draft into committed cache slots."""

@@ -40,6 +40,26 @@ class DraftTree:
     def num_drafted(self) -> int:
         return len(self.tokens) - 1
 
+    def path_probs(self) -> list[float]:
+        """The proposers' chance of each node's whole path (product of draft_probs)."""
+        probs = [1.0] * len(self.tokens)
+        for node in range(1, len(self.tokens)):
+            probs[node] = probs[self.parents[node]] * self.draft_probs[node]
+        return probs
+
+    def best(self, size: int) -> DraftTree:
+        """The root and the size − 1 likeliest other nodes. A path's probability never
+        exceeds its parent's, and ties go to the earlier node, so ancestors stay in."""
+        if size >= len(self.tokens):
+            return self
+        probs = self.path_probs()
+        kept = sorted(sorted(range(len(self.tokens)), key=lambda i: (-probs[i], i))[:size])
+        index = {node: position for position, node in enumerate(kept)}
+        return DraftTree(tokens=[self.tokens[i] for i in kept],
+                         parents=[index[self.parents[i]] if i else -1 for i in kept],
+                         depths=[self.depths[i] for i in kept],
+                         draft_probs=[self.draft_probs[i] for i in kept])
+
     def attention_mask(self) -> np.ndarray:
         """[N, N] bool: node i sees node j iff j is i or one of its ancestors."""
         size = len(self.tokens)
@@ -84,6 +104,29 @@ class TreeBuilder:
                 self.scores.append(new_scores[-1])
         order = sorted(range(len(new_ids)), key=lambda i: (-new_scores[i], new_ids[i]))
         return [new_ids[i] for i in order[: self.top_k]]
+
+    def add_chain(self, tokens: list[int], scores: list[float]) -> None:
+        """Merge a chain below the root (from another proposer): a token the tree already has
+        at that place is shared, keeping the better score; the rest hangs below as new
+        candidates. scores[i]: the chain's cumulative log-score up to tokens[i]."""
+        node = 0
+        for token, score in zip(tokens, scores, strict=True):
+            child = next((i for i in range(1, len(self.tokens))
+                          if self.parents[i] == node and self.tokens[i] == token), None)
+            if child is None:
+                child = len(self.tokens)
+                self.tokens.append(int(token))
+                self.parents.append(node)
+                self.depths.append(self.depths[node] + 1)
+                self.log_probs.append(float(score - self.scores[node]))
+                self.scores.append(float(score))
+            else:  # shared; the chain may make this path likelier
+                self.log_probs[child] = max(self.log_probs[child],
+                                            float(score - self.scores[node]))
+                self.scores[child] = self.scores[node] + self.log_probs[child]
+            node = child
+        for i in range(1, len(self.tokens)):  # descendants of a raised node rise with it
+            self.scores[i] = self.scores[self.parents[i]] + self.log_probs[i]
 
     def finish(self) -> DraftTree:
         """The root plus the best total_tokens − 1 candidates, ancestors always included."""

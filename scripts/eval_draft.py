@@ -7,6 +7,8 @@ step, the prefill counted as one), per-position acceptance, tokens/s, and whethe
 speculative output equals the plain one. Writes JSON and a Markdown table.
 
 Shapes: NAME=TOP_K,DEPTH,TOKENS, e.g. chain=1,7,8 tree=8,7,16 (TOKENS counts the root).
+--lookup also (or only) runs each shape with prompt lookup merged into the draft's tree
+(draft_model/hybrid.py), as NAME+lookup. No adaptive budget here: every step drafts.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from draft_model.checkpoint import load_checkpoint
 from draft_model.device import default_dtype, resolve_device
 from draft_model.evaluate import AcceptanceStats
 from draft_model.humaneval import humaneval_messages, humaneval_problems
+from draft_model.hybrid import HybridProposer
+from draft_model.ngram import NgramProposer
 from draft_model.proposer import Proposer, TreeShape
 from draft_model.shipped import SHIPPED_DRAFT
 from draft_model.target_weights import read_target_weights
@@ -48,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--shapes", nargs="+", default=["chain=1,7,8", "tree=8,7,16"])
+    parser.add_argument("--lookup", choices=("no", "also", "only"), default="no",
+                        help="each shape with prompt lookup merged in: as well, or only")
     parser.add_argument("--draft-device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
     parser.add_argument("--out", type=Path, default=Path("eval_draft.json"))
@@ -100,8 +106,14 @@ def main(argv=None) -> None:
                for p in problems]
 
     results = {"plain": run(Engine(target), prompts, args.max_tokens, "plain")}
-    for name, shape in shapes:
-        result = run(Engine(target, Proposer(draft, shape)), prompts, args.max_tokens, name)
+    runs = [] if args.lookup == "only" else [(name, shape, False) for name, shape in shapes]
+    if args.lookup != "no":
+        runs += [(f"{name}+lookup", shape, True) for name, shape in shapes]
+    for name, shape, lookup in runs:
+        proposer = Proposer(draft, shape)
+        if lookup:
+            proposer = HybridProposer(proposer, NgramProposer(max_tokens=shape.total_tokens - 1))
+        result = run(Engine(target, proposer), prompts, args.max_tokens, name)
         result["shape"] = vars(shape)
         result["identical_to_plain"] = sum(
             a == b for a, b in zip(result["outputs"], results["plain"]["outputs"], strict=True))

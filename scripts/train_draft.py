@@ -10,6 +10,9 @@ proposer (chain and tree) against those answers, periodically and at the end.
 
 Writes OUT/draft/ (the checkpoint `dovetail serve --draft` loads), OUT/train_log.jsonl,
 OUT/trainer_state.pt (resume: run the same command again).
+
+--evaluate-only DRAFT: no training; replay the evaluation for an existing checkpoint (e.g.
+the shipped one) and write OUT/eval.json.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from draft_model.checkpoint import save_checkpoint
+from draft_model.checkpoint import load_checkpoint, save_checkpoint
 from draft_model.config import DraftConfig
 from draft_model.device import resolve_device
 from draft_model.evaluate import AcceptanceStats, replay
 from draft_model.features import load_split
+from draft_model.hybrid import HybridProposer
 from draft_model.model import DraftModel
+from draft_model.ngram import NgramProposer
 from draft_model.proposer import Proposer, TreeShape
 from draft_model.sequences import SequenceSet
 from draft_model.target_weights import read_target_weights
@@ -35,6 +40,7 @@ from draft_model.train import TrainConfig
 from draft_model.trainer import RunLimits, Trainer, online_batches, shard_batches
 from draft_model.vocab import most_frequent_tokens
 from verifier.default_model import default_model_path
+from verifier.machine import has_native_bf16
 
 CHAIN = TreeShape(top_k=1, depth=7, total_tokens=8)
 TREE = TreeShape(top_k=8, depth=7, total_tokens=16)
@@ -45,14 +51,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    data = parser.add_mutually_exclusive_group(required=True)
+    data = parser.add_mutually_exclusive_group()
     data.add_argument("--features", type=Path)
     data.add_argument("--tokens", type=Path)
+    data.add_argument("--evaluate-only", type=Path, default=None, metavar="DRAFT")
     parser.add_argument("--eval-prompts", type=Path, default=None)
+    parser.add_argument("--eval-backend", choices=("auto", "llama-cpp", "torch"), default="auto",
+                        help="who answers the evaluation prompts (auto: the PyTorch port "
+                             "with --tokens or on CUDA, else llama.cpp)")
     parser.add_argument("--eval-heldout", type=int, default=24, help="held-out prompts")
     parser.add_argument("--eval-humaneval", type=int, default=40, help="HumanEval prompts")
     parser.add_argument("--eval-new-tokens", type=int, default=128)
-    parser.add_argument("--eval-shapes", default="chain,tree", help="chain, tree or both")
+    parser.add_argument("--eval-shapes", default="chain,tree",
+                        help="comma-separated: chain, tree, chain+lookup, tree+lookup "
+                             "(+lookup: prompt lookup merged into the draft's tree)")
     parser.add_argument("--eval-every", type=int, default=0, help="steps (0: at the end)")
     parser.add_argument("--eval-every-minutes", type=float, default=0.0,
                         help="training minutes between evaluations (instead of steps)")
@@ -60,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="prompts per set in the periodic evaluations")
     parser.add_argument("--model", type=Path, default=None, help="target GGUF (default model)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="bf16 autocast on the CPU (only where it has native bf16)")
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--fusion", choices=("dgf", "concat"), default="dgf")
     parser.add_argument("--draft-vocab", type=int, default=0,
@@ -101,7 +114,11 @@ class FeatureBackend:
         return self._torch
 
     def source(self):
-        if self.args.tokens is not None or self.device.type == "cuda":
+        backend = self.args.eval_backend
+        if backend == "auto":
+            on_the_fly = self.args.tokens is not None or self.device.type == "cuda"
+            backend = "torch" if on_the_fly else "llama-cpp"
+        if backend == "torch":
             from draft_model.torch_target import TorchFeatureSource
 
             return TorchFeatureSource(self.torch_target())
@@ -155,13 +172,34 @@ def evaluate(model: DraftModel, sets: dict[str, list], max_new_tokens: int,
     results = {}
     for name, rows in sets.items():
         for shape_name in shapes:
-            shape = SHAPES[shape_name]
+            base, lookup = shape_name.removesuffix("+lookup"), shape_name.endswith("+lookup")
+            shape = SHAPES[base]
             proposer = Proposer(model, shape)
+            if lookup:
+                proposer = HybridProposer(proposer,
+                                          NgramProposer(max_tokens=shape.total_tokens - 1))
             stats = AcceptanceStats()
             for tokens, features, start in rows[:limit]:
                 stats.merge(replay(proposer, tokens, features, start, max_new_tokens))
             results[f"{name}_{shape_name}"] = stats.to_dict()
     return results
+
+
+def evaluate_checkpoint(args, backend: FeatureBackend, weights, device) -> None:
+    model = load_checkpoint(args.evaluate_only, weights, device, torch.float32)
+    sets = eval_sets(args, backend, args.out)
+    if not sets:
+        raise SystemExit("--evaluate-only needs --eval-prompts")
+    results = evaluate(model, sets, args.eval_new_tokens,
+                       shapes=tuple(args.eval_shapes.split(",")))
+    (args.out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    print_results(results)
+
+
+def print_results(results: dict) -> None:
+    for name, stats in results.items():
+        print(f"{name}: τ {stats['tau']:.3f}, per position "
+              f"{stats['per_position_acceptance'][:6]}")
 
 
 def main(argv=None) -> None:
@@ -172,6 +210,11 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     weights = read_target_weights(model_path(args))
     backend = FeatureBackend(args, device)
+    if args.evaluate_only is not None:
+        evaluate_checkpoint(args, backend, weights, device)
+        return
+    if args.features is None and args.tokens is None:
+        raise SystemExit("give --features, --tokens or --evaluate-only")
 
     if args.features is not None:
         shard = load_split(args.features, "train")
@@ -195,6 +238,9 @@ def main(argv=None) -> None:
 
     train_config = TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup,
                                noise=args.noise, ce_weight=args.ce_weight)
+    if args.cpu_bf16 and device.type == "cpu" and not has_native_bf16():
+        print("warning: this CPU has no native bf16 (AVX512-BF16 or AMX); bf16 autocast is "
+              "emulated and much slower than fp32 — leave out --cpu-bf16")
     autocast = torch.bfloat16 if device.type == "cuda" or args.cpu_bf16 else None
     trainer = Trainer(model, train_config, out, seed=args.seed, autocast_dtype=autocast)
     if trainer.resume():
@@ -232,9 +278,7 @@ def main(argv=None) -> None:
     if sets:
         final = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])["eval"]
         (out / "eval.json").write_text(json.dumps(final, indent=2) + "\n")
-        for name, stats in final.items():
-            print(f"{name}: τ {stats['tau']:.3f}, per position "
-                  f"{stats['per_position_acceptance'][:6]}")
+        print_results(final)
 
 
 if __name__ == "__main__":

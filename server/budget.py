@@ -8,50 +8,20 @@ with T_V the measured verification cost (root included), T_D the drafting cost a
 running (exponential moving average) probability that drafted position j is accepted given
 that position j − 1 was. k = 0 is plain decoding: rate(0) = 1 / T_V(1).
 
-For prompt lookup the estimates are kept per length of the matched n-gram (a 3-gram match is
-far more reliable than a 1-gram one), and every proposal is scored against the tokens the
-target goes on to produce whether or not it was verified — so the estimates keep learning
-while the budget says zero, and cost nothing to keep.
+For prompt lookup the estimates are kept per length of the matched n-gram and learnt from
+every lookup, verified or not (draft_model/lookup_estimates.py).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from draft_model.hybrid import HybridProposer
+from draft_model.lookup_estimates import AcceptanceEstimate, LookupEstimates
 from draft_model.ngram import NgramProposer
 from draft_model.tree import DraftTree
 from verifier.costs import VerifyCosts
-
-
-@dataclass
-class AcceptanceEstimate:
-    """Per-position conditional acceptance a_1..a_max, as moving averages."""
-
-    max_positions: int
-    prior: float = 0.5
-    weight: float = 0.1  # of each new observation
-    rates: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.rates:
-            self.rates = [self.prior] * self.max_positions
-
-    def observe(self, drafted: int, accepted: int) -> None:
-        """One proposal: positions 1..accepted were accepted; accepted + 1 (if drafted) not."""
-        for position in range(min(accepted + 1, drafted, self.max_positions)):
-            hit = 1.0 if position < accepted else 0.0
-            self.rates[position] += self.weight * (hit - self.rates[position])
-
-    def expected_tokens(self, drafted: int) -> float:
-        """E[tokens per step] with `drafted` tokens in a chain: the bonus token plus each
-        position that survives."""
-        expected, survive = 1.0, 1.0
-        for position in range(min(drafted, self.max_positions)):
-            survive *= self.rates[position]
-            expected += survive
-        return expected
-
 
 MIN_GAIN = 1.1  # speculate only for an expected gain of 10% or more over plain decoding
 
@@ -71,28 +41,22 @@ def best_length(costs: VerifyCosts, acceptance: AcceptanceEstimate, max_drafted:
     return best if best_rate >= min_gain * plain_rate else 0
 
 
-@dataclass
-class _Pending:
-    start: int  # index in the output where the proposal's first token would go
-    tokens: list[int]
-    bucket: int
-
-
 class LookupBudget:
     """Budget for prompt lookup, one estimate per matched n-gram length."""
 
     def __init__(self, costs: VerifyCosts, max_ngram: int, max_drafted: int) -> None:
         self.costs = costs
         self.max_drafted = max_drafted
-        self.estimates = {n: AcceptanceEstimate(max_drafted) for n in range(1, max_ngram + 1)}
+        self.lookups = LookupEstimates(max_ngram, max_drafted)
+        self.estimates = self.lookups.by_match
 
-    def propose(self, proposer: NgramProposer, state, root_token: int,
-                pending: list[_Pending], output_length: int) -> DraftTree:
+    def propose(self, proposer: NgramProposer, sequence) -> DraftTree:
         """Look up a continuation, keep it to score later, verify as much as pays."""
-        proposal, match_length = proposer.lookup(state, self.max_drafted)
-        self.remember(pending, output_length, proposal, match_length)
-        return DraftTree.chain([root_token, *proposal[:self.choose(match_length,
-                                                                    len(proposal))]])
+        proposal, match_length = proposer.lookup(sequence.draft_state, self.max_drafted)
+        self.lookups.remember(sequence.pending_proposals, len(sequence.output_tokens),
+                              proposal, match_length)
+        return DraftTree.chain([sequence.root_token,
+                                *proposal[:self.choose(match_length, len(proposal))]])
 
     def choose(self, match_length: int, available: int) -> int:
         if match_length == 0 or available == 0:
@@ -100,22 +64,97 @@ class LookupBudget:
         return best_length(self.costs, self.estimates[match_length],
                            min(available, self.max_drafted))
 
-    def remember(self, pending: list[_Pending], output_length: int, proposal: list[int],
-                 match_length: int) -> None:
-        """Keep this step's proposal to score once the target's tokens are known."""
-        if proposal and match_length:
-            pending.append(_Pending(output_length, proposal, match_length))
+    def observe(self, sequence, tree: DraftTree, num_accepted: int) -> None:
+        self.lookups.score(sequence.pending_proposals, sequence.output_tokens)
 
-    def score(self, pending: list[_Pending], output: list[int]) -> None:
-        """Score every pending proposal the output has decided (a mismatch, or all known)."""
-        still = []
-        for item in pending:
-            actual = output[item.start : item.start + len(item.tokens)]
-            matched = 0
-            while matched < len(actual) and actual[matched] == item.tokens[matched]:
-                matched += 1
-            if matched < len(actual) or len(actual) == len(item.tokens):
-                self.estimates[item.bucket].observe(len(item.tokens), matched)
-            else:
-                still.append(item)
-        pending[:] = still
+
+class TreeBudget:
+    """Budget for a draft model's trees with prompt lookup grafted in (HybridProposer).
+
+    Per step, one of: the draft's tree, the lookup chain alone, or plain decoding — whichever
+    promises the most tokens per second. The tree's rate is measured: tokens per step over
+    (T_V(tree size) + the draft's own time). The chain's is estimated before any work (a
+    lookup is free). A drafted tree is cut to the size n that maximises
+    E[tokens | n] / T_V(n), with E from the proposers' path probabilities, calibrated by how
+    many of the predicted tokens the target actually accepted lately. While trees do not pay
+    (a slow draft device, a hard text), one is still drafted now and then — at most
+    probe_share of the time — so the budget notices when they start to pay again.
+    """
+
+    def __init__(self, costs: VerifyCosts, probe_share: float = 0.05, weight: float = 0.1,
+                 min_gain: float = MIN_GAIN,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.costs = costs
+        self.clock = clock
+        self.probe_share = probe_share
+        self.weight = weight
+        self.min_gain = min_gain
+        self.draft_seconds: float | None = None  # moving average of a tree's drafting time
+        self.tree_rate: float | None = None  # moving average of a tree step's tokens/s
+        self.predicted, self.accepted = 1.0, 1.0  # moving averages, for calibration
+        self.since_probe = 0.0  # modelled seconds of tree-less steps since the last tree
+
+    @property
+    def calibration(self) -> float:
+        """Accepted drafted tokens per token the path probabilities predicted."""
+        return self.accepted / self.predicted
+
+    def propose(self, proposer: HybridProposer, sequence) -> DraftTree:
+        state, root = sequence.draft_state, sequence.root_token
+        chain, match_length = proposer.lookup_chain(state)
+        drafted = 0
+        if match_length:
+            drafted = best_length(self.costs, proposer.estimates.by_match[match_length],
+                                  len(chain), min_gain=self.min_gain)
+        if self._tree_pays(proposer, match_length, drafted) or self._probe_due():
+            started = self.clock()
+            tree = proposer.propose(state, root, chain, match_length)
+            seconds = self.clock() - started
+            self.draft_seconds = self._average(self.draft_seconds, seconds)
+            self.since_probe = 0.0
+            tree, predicted = self._cut(tree)
+            sequence.budget_step = (len(tree.tokens), predicted, seconds)
+            return tree
+        self.since_probe += self.costs.of(drafted + 1)
+        return DraftTree.chain([root, *chain[:drafted]])
+
+    def observe(self, sequence, tree: DraftTree, num_accepted: int) -> None:
+        step, sequence.budget_step = sequence.budget_step, None
+        if step is None:
+            return  # a lookup chain or plain step: lookup scoring happens in the proposer
+        size, predicted, seconds = step
+        if predicted > 0:
+            self.predicted = self._average(self.predicted, predicted)
+            self.accepted = self._average(self.accepted, num_accepted)
+        rate = (num_accepted + 1) / (self.costs.of(size) + seconds)
+        self.tree_rate = self._average(self.tree_rate, rate)
+
+    def _tree_pays(self, proposer: HybridProposer, match_length: int, drafted: int) -> bool:
+        if self.tree_rate is None:
+            return True  # nothing measured yet
+        plain_rate = 1.0 / self.costs.of(1)
+        chain_rate = plain_rate
+        if drafted:
+            estimate = proposer.estimates.by_match[match_length]
+            chain_rate = estimate.expected_tokens(drafted) / self.costs.of(drafted + 1)
+        return self.tree_rate >= max(chain_rate, self.min_gain * plain_rate)
+
+    def _probe_due(self) -> bool:
+        seconds = self.draft_seconds or 0.0
+        return self.since_probe * self.probe_share >= seconds
+
+    def _cut(self, tree: DraftTree) -> tuple[DraftTree, float]:
+        """(the best-rate prefix of the tree by path probability, its predicted accepted
+        drafted tokens before calibration)."""
+        probs = sorted(tree.path_probs()[1:], reverse=True)
+        scale = self.calibration
+        best_size, best_rate, predicted, best_predicted = 1, 1.0 / self.costs.of(1), 0.0, 0.0
+        for size, prob in enumerate(probs, start=2):
+            predicted += prob
+            rate = (1.0 + scale * predicted) / self.costs.of(size)
+            if rate > best_rate:
+                best_size, best_rate, best_predicted = size, rate, predicted
+        return tree.best(best_size), best_predicted
+
+    def _average(self, value: float | None, observed: float) -> float:
+        return observed if value is None else value + self.weight * (observed - value)

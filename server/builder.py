@@ -7,11 +7,12 @@ from pathlib import Path
 
 from draft_model.checkpoint import load_checkpoint
 from draft_model.device import default_dtype, resolve_device
+from draft_model.hybrid import HybridProposer
 from draft_model.ngram import NgramProposer
 from draft_model.proposer import Proposer, TreeShape
 from draft_model.shipped import SHIPPED_DRAFT
 from draft_model.target_weights import read_target_weights
-from server.budget import LookupBudget
+from server.budget import LookupBudget, TreeBudget
 from server.engine import Engine
 from server.settings import Settings
 from verifier.costs import cached_verify_costs
@@ -76,4 +77,13 @@ def build_engine(settings: Settings) -> Engine:
     shape = TreeShape(top_k=settings.draft_top_k, depth=settings.draft_depth,
                       total_tokens=settings.draft_tokens)
     log.info("draft %s on %s: %s", source, device, shape)
-    return Engine(target, Proposer(model, shape))
+    proposer = Proposer(model, shape)
+    if not settings.draft_lookup:
+        return Engine(target, proposer)
+    hybrid = HybridProposer(proposer, NgramProposer(max_tokens=tree_tokens - 1))
+    if not settings.adaptive_budget:
+        return Engine(target, hybrid)
+    costs = cached_verify_costs(target)
+    log.info("draft tree + prompt lookup, adaptive budget; verification costs (ms): %s",
+             {k: round(v * 1000, 1) for k, v in costs.seconds.items()})
+    return Engine(target, hybrid, budget=TreeBudget(costs))

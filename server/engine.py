@@ -21,10 +21,11 @@ from collections import Counter, deque
 
 import numpy as np
 
+from draft_model.hybrid import HybridProposer
 from draft_model.ngram import NgramProposer
 from draft_model.proposer import Proposer
 from draft_model.tree import DraftTree
-from server.budget import LookupBudget
+from server.budget import LookupBudget, TreeBudget
 from server.metrics import Metrics
 from server.sequence import Sequence, SequenceEvent
 from verifier.acceptance import Acceptance, accept_greedy, accept_sampled
@@ -35,11 +36,13 @@ log = logging.getLogger("dovetail.engine")
 
 
 class Engine:
-    def __init__(self, target: Target, proposer: Proposer | NgramProposer | None = None,
-                 metrics: Metrics | None = None, budget: LookupBudget | None = None) -> None:
+    def __init__(self, target: Target,
+                 proposer: Proposer | HybridProposer | NgramProposer | None = None,
+                 metrics: Metrics | None = None,
+                 budget: LookupBudget | TreeBudget | None = None) -> None:
         self.target = target
         self.proposer = proposer
-        self.budget = budget  # with prompt lookup: how many drafted tokens pay, per step
+        self.budget = budget  # per step: which proposal and how many drafted tokens pay
         self.metrics = metrics
         self.tokenizer = target.tokenizer
         self.chunk_size = target.config.batch_size  # prompt tokens read per step, at most
@@ -182,8 +185,7 @@ class Engine:
 
     def _propose(self, sequence: Sequence) -> DraftTree:
         if self.budget is not None:
-            tree = self.budget.propose(self.proposer, sequence.draft_state, sequence.root_token,
-                                       sequence.pending_proposals, len(sequence.output_tokens))
+            tree = self.budget.propose(self.proposer, sequence)
         else:
             tree = self.proposer.propose(sequence.draft_state, sequence.root_token)
         self.target.check_tree(TreeRequest(sequence.slot, tree.tokens, tree.parents))
@@ -260,7 +262,7 @@ class Engine:
             if sequence.is_finished:
                 break
         if self.budget is not None:
-            self.budget.score(sequence.pending_proposals, sequence.output_tokens)
+            self.budget.observe(sequence, tree, acceptance.num_accepted)
 
     @staticmethod
     def _accept(sequence: Sequence, tree: DraftTree, output: TreeOutput) -> Acceptance:

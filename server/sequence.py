@@ -80,6 +80,7 @@ class Sequence:
     prompt_features: list[np.ndarray] = field(default_factory=list)  # per chunk, for the draft
     draft_seconds: float = 0.0  # the last step's drafting time
     pending_proposals: list = field(default_factory=list)  # for the adaptive budget's scoring
+    budget_step: tuple | None = None  # the adaptive budget's note on this step's tree
 
     def __post_init__(self) -> None:
         seed = self.params.seed

@@ -35,9 +35,12 @@ class Settings(BaseSettings):
         "'ngram'); "
         "or 'none' for plain decoding.")
     adaptive_budget: bool = Field(
-        True, description="With --draft ngram: verify per step only as many drafted tokens "
-        "as the measured costs and running acceptance say pay (zero included); off: always "
-        "up to --draft-tokens.")
+        True, description="Per step, verify only what the measured costs and running "
+        "acceptance say pays: the draft's tree cut to the best size, the lookup chain alone, "
+        "or nothing (plain decoding); off: always the full proposal of --draft-tokens.")
+    draft_lookup: bool = Field(
+        True, description="With a draft model: merge prompt lookup's continuation (from the "
+        "request's own context) into the draft's tree.")
     draft_top_k: int = Field(4, ge=1, le=32, description="Children per expanded draft node.")
     draft_depth: int = Field(5, ge=1, le=32, description="Levels of the draft tree below the root.")
     draft_tokens: int = Field(

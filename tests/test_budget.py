@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from draft_model.lookup_estimates import AcceptanceEstimate, LookupEstimates
 from draft_model.ngram import NgramProposer
-from server.budget import AcceptanceEstimate, LookupBudget, best_length
+from draft_model.tree import DraftTree
+from server.budget import LookupBudget, TreeBudget, best_length
 from server.engine import Engine
 from server.sequence import Sequence
 from tests.conftest import make_target
@@ -83,11 +85,11 @@ def test_budget_grows_with_flat_verification_and_good_acceptance():
 def test_lookup_budget_scores_proposals_against_what_the_target_produced():
     budget = LookupBudget(FLAT, max_ngram=3, max_drafted=4)
     pending = []
-    budget.remember(pending, output_length=2, proposal=[7, 8, 9], match_length=3)
-    budget.remember(pending, output_length=2, proposal=[5], match_length=0)  # no match: skip
-    budget.score(pending, [1, 2, 7])
+    budget.lookups.remember(pending, start=2, proposal=[7, 8, 9], match_length=3)
+    budget.lookups.remember(pending, start=2, proposal=[5], match_length=0)  # no match: skip
+    budget.lookups.score(pending, [1, 2, 7])
     assert len(pending) == 1  # 7 matched, 8 and 9 not yet known
-    budget.score(pending, [1, 2, 7, 8, 4])
+    budget.lookups.score(pending, [1, 2, 7, 8, 4])
     assert pending == []
     rates = budget.estimates[3].rates
     assert rates[0] > 0.5 and rates[1] > 0.5 and rates[2] < 0.5 and rates[3] == 0.5
@@ -126,3 +128,83 @@ def test_prompt_lookup_output_equals_plain_decoding(chain_target):
     adaptive = generate(Engine(chain_target, NgramProposer(max_tokens=7), budget=budget), REPEAT)
     assert adaptive.output_tokens == plain.output_tokens
     assert any(rate != 0.5 for e in budget.estimates.values() for rate in e.rates)  # learnt
+
+
+class FakeHybrid:
+    """A HybridProposer stand-in: a fixed lookup chain and a fixed draft tree that takes
+    `draft_seconds` of the fake clock to draft."""
+
+    def __init__(self, clock, draft_seconds, tree_probs, chain=(), match_length=0,
+                 chain_rate=0.5):
+        self.clock, self.draft_seconds = clock, draft_seconds
+        self.chain, self.match_length = list(chain), match_length
+        self.estimates = LookupEstimates(max_ngram=3, max_drafted=8)
+        self.estimates.by_match[3].rates = [chain_rate] * 8
+        self.tree = DraftTree.chain([0, *range(1, len(tree_probs) + 1)])
+        self.tree = DraftTree(self.tree.tokens, self.tree.parents, self.tree.depths,
+                              [1.0, *tree_probs])
+        self.trees = 0
+
+    def lookup_chain(self, state):
+        return self.chain, self.match_length
+
+    def propose(self, state, root, chain, match_length):
+        self.clock.now += self.draft_seconds
+        self.trees += 1
+        return self.tree
+
+
+class FakeClock:
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def run_budget(budget, proposer, steps, accepted=lambda tree: tree.num_drafted):
+    sizes = []
+    sequence = Sequence([1], SamplingParams(temperature=0), 8, [], sink=lambda e: None)
+    sequence.root_token = 0
+    for _ in range(steps):
+        tree = budget.propose(proposer, sequence)
+        sizes.append(len(tree.tokens))
+        budget.observe(sequence, tree, accepted(tree))
+    return sizes
+
+
+def test_tree_budget_keeps_a_fast_draft_and_cuts_the_tree_to_the_costs():
+    clock = FakeClock()
+    probs = [0.9] * 15  # a chain the target accepts whole
+    fast = FakeHybrid(clock, 0.0005, probs)
+    sizes = run_budget(TreeBudget(FLAT, clock=clock), fast, 50)
+    assert fast.trees == 50 and min(sizes[5:]) >= 10  # nearly free to verify: keep most
+    steep = FakeHybrid(clock, 0.0005, probs)
+    sizes = run_budget(TreeBudget(TWO_CORE_Q4, clock=clock), steep, 50)
+    assert steep.trees == 50 and max(sizes[5:]) <= 8  # each extra token costs: fewer
+
+
+def test_tree_budget_stops_drafting_when_the_draft_is_too_slow_but_probes():
+    clock = FakeClock()
+    slow = FakeHybrid(clock, 0.3, [0.9] * 7)  # a CPU draft: 0.3 s against 10 ms a token
+    budget = TreeBudget(TWO_CORE_Q4, clock=clock)
+    sizes = run_budget(budget, slow, 3000)
+    assert sizes[1:].count(1) > 2900  # plain decoding
+    plain_seconds = 3000 * TWO_CORE_Q4.of(1)
+    assert 2 <= slow.trees <= 2 + plain_seconds * budget.probe_share / 0.3
+    # with a lookup chain the target keeps accepting, the chain is used instead
+    chained = FakeHybrid(clock, 0.3, [0.9] * 7, chain=[5, 6, 7, 8], match_length=3,
+                         chain_rate=0.95)
+    budget = TreeBudget(TWO_CORE_Q4, clock=clock)
+    sizes = run_budget(budget, chained, 100)
+    assert sizes[1:].count(5) > 90
+
+
+def test_tree_budget_calibrates_the_draft_probabilities():
+    clock = FakeClock()
+    proposer = FakeHybrid(clock, 0.0005, [0.9] * 15)
+    budget = TreeBudget(FLAT, clock=clock)
+    run_budget(budget, proposer, 100, accepted=lambda tree: min(1, tree.num_drafted))
+    assert budget.calibration < 0.3  # predicted ~5 accepted tokens, saw 1
+    budget = TreeBudget(FLAT, clock=clock)
+    run_budget(budget, proposer, 100)
+    assert budget.calibration > 0.9

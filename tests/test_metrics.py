@@ -16,9 +16,11 @@ from tests.conftest import start_server, stop_server
 @pytest.fixture(scope="module")
 def busy_server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("logs") / "server.log"
+    # drafting every step: on a CPU the adaptive budget would soon stop the shipped draft
     live = start_server("--draft", "shipped", "--draft-device", "cpu", "--draft-tokens", "8",
                         "--draft-top-k", "4", "--draft-depth", "4", "--max-concurrency", "1",
-                        "--max-queue", "1", "--ctx-size", "1024", log_path=log_path)
+                        "--max-queue", "1", "--ctx-size", "1024", "--no-adaptive-budget",
+                        log_path=log_path)
     yield live, log_path
     stop_server(live)
 

@@ -23,14 +23,18 @@ import torch
 
 from draft_model.config import DraftConfig
 from draft_model.device import default_dtype
+from draft_model.hybrid import HybridProposer
 from draft_model.model import DraftModel
+from draft_model.ngram import NgramProposer
 from draft_model.proposer import Proposer, TreeShape
 from draft_model.target_weights import read_target_weights
 from draft_model.train import Batch, TrainConfig, train_steps
 from draft_model.vocab import most_frequent_tokens
+from server.budget import TreeBudget
 from server.engine import Engine
 from server.sequence import Sequence
 from tests.conftest import make_target
+from verifier.costs import VerifyCosts
 from verifier.sampling import SamplingParams
 
 PROMPTS = [
@@ -304,3 +308,36 @@ def test_quantized_target_equals_a_reference_evaluating_the_same_batches(q4_targ
         reference = replay_greedy(q4_target, prompt_tokens(q4_target, text), proposer.trees,
                                   max_new)
         assert sequence.output_tokens == reference, text
+
+
+FLAT_COSTS = VerifyCosts({1: 1.0, 16: 1.1})  # a slow target: trees pay whatever drafting costs
+COPY = ("Add type hints to this function:\ndef add_numbers(first_number, second_number):\n"
+        "    total = first_number + second_number\n    return total", 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budgeted", [False, True], ids=["full-tree", "budget"])
+def test_draft_tree_with_prompt_lookup_equals_plain_decoding(budgeted, target, references,
+                                                             trained_draft, random_draft):
+    def hybrid(draft):
+        return HybridProposer(Proposer(draft, TREE),
+                              NgramProposer(max_tokens=TREE.total_tokens - 1))
+
+    proposer = hybrid(trained_draft)
+    budget = TreeBudget(FLAT_COSTS) if budgeted else None
+    sequences = generate(Engine(target, proposer, budget=budget), PROMPTS)
+    identical = [matches(sequence.output_tokens, reference, text)
+                 for (text, _), sequence, reference in zip(PROMPTS, sequences, references,
+                                                           strict=True)]
+    assert sum(identical) >= 20, f"only {sum(identical)} of {len(PROMPTS)} outputs identical"
+    steps = sum(sequence.num_verify_steps for sequence in sequences)
+    assert sum(len(sequence.output_tokens) for sequence in sequences) / steps > 1.8
+    assert any(rate != 0.5 for e in proposer.estimates.by_match.values() for rate in e.rates)
+
+    # lookup finds what an untrained draft cannot: the code it is asked to copy
+    reference = plain_greedy(target, *COPY)
+    alone = generate(Engine(target, Proposer(random_draft, TREE)), [COPY])[0]
+    helped = generate(Engine(target, hybrid(random_draft),
+                             budget=TreeBudget(FLAT_COSTS) if budgeted else None), [COPY])[0]
+    assert matches(helped.output_tokens, reference, COPY[0])
+    assert helped.num_accepted > alone.num_accepted + 8

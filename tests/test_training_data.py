@@ -167,22 +167,35 @@ def test_train_and_evaluate_scripts_end_to_end(collected, default_model):
                str(collected / "distil"), "--eval-prompts", str(collected / "prompts"),
                "--eval-heldout", "1", "--eval-humaneval", "1", "--eval-new-tokens", "8",
                "--layers", "1", "--draft-vocab", "256", "--max-steps", "3", "--device", "cpu",
-               "--threads", str(NUM_THREADS), "--batch-tokens", "512")
+               "--threads", str(NUM_THREADS), "--batch-tokens", "512",
+               "--eval-shapes", "chain,tree,tree+lookup")
     config, _, training = read_checkpoint_config(out / "draft")
     assert config.num_layers == 1 and config.draft_vocab_size == 256
     assert training["steps"] == 3
     model = load_checkpoint(out / "draft", read_target_weights(default_model))
     assert model.head_token_ids.shape == (256,)
     results = json.loads((out / "eval.json").read_text())
-    assert set(results) == {"heldout_chain", "heldout_tree", "humaneval_chain", "humaneval_tree"}
+    assert set(results) == {f"{name}_{shape}" for name in ("heldout", "humaneval")
+                            for shape in ("chain", "tree", "tree+lookup")}
     assert all(r["tau"] >= 1.0 and r["tokens"] == 7 for r in results.values())
+    # an existing checkpoint evaluated alone, without training
+    alone = collected / "evaluated"
+    run_script("scripts/train_draft.py", "--out", str(alone), "--evaluate-only",
+               str(out / "draft"), "--eval-prompts", str(collected / "prompts"),
+               "--eval-heldout", "0", "--eval-humaneval", "1", "--eval-new-tokens", "8",
+               "--eval-shapes", "tree,tree+lookup", "--device", "cpu", "--threads",
+               str(NUM_THREADS))
+    evaluated = json.loads((alone / "eval.json").read_text())
+    assert set(evaluated) == {"humaneval_tree", "humaneval_tree+lookup"}
+    assert all(r["tau"] >= 1.0 and r["tokens"] == 7 for r in evaluated.values())
+    assert not (alone / "draft").exists()
     # the real-engine evaluation runs this checkpoint against plain decoding
     report = collected / "eval_draft.json"
     run_script("scripts/eval_draft.py", "--draft", str(out / "draft"), "--count", "1",
                "--max-tokens", "8", "--shapes", "chain=1,2,3", "tree=2,2,4", "--draft-device",
-               "cpu", "--threads", str(NUM_THREADS), "--out", str(report))
+               "cpu", "--threads", str(NUM_THREADS), "--lookup", "also", "--out", str(report))
     engine_results = json.loads(report.read_text())["results"]
-    assert set(engine_results) == {"plain", "chain", "tree"}
+    assert set(engine_results) == {"plain", "chain", "tree", "chain+lookup", "tree+lookup"}
     assert engine_results["plain"]["tau"] <= 1.0
     assert all(r["completion_tokens"] == 8 and r["tau"] >= 8 / 9
                for r in engine_results.values())

@@ -93,3 +93,49 @@ def test_attention_mask_sees_exactly_the_ancestors():
     for node in range(5):
         expected[node, ancestors(tree, node)] = True
     np.testing.assert_array_equal(mask, expected)
+
+
+def test_a_grafted_chain_shares_tokens_and_competes_by_score():
+    builder = TreeBuilder(root_token=0, top_k=2, total_tokens=4)
+    frontier = builder.add_children([0], np.array([[1, 2]]), np.log(np.array([[0.5, 0.3]])))
+    builder.add_children(frontier, np.array([[3, 4], [5, 6]]),
+                         np.log(np.array([[0.4, 0.2], [0.5, 0.1]])))
+    # lookup says 2 → 5 → 7 with chances 0.9, 0.8, 0.7 of surviving to each depth
+    builder.add_chain([2, 5, 7], np.log([0.9, 0.8, 0.7]).tolist())
+    tree = builder.finish()
+    assert tree.tokens == [0, 2, 5, 7]  # the chain beats the draft's 1 (0.5) and 1→3 (0.2)
+    assert tree.parents == [-1, 0, 1, 2]
+    np.testing.assert_allclose(tree.path_probs(), [1.0, 0.9, 0.8, 0.7])
+    assert sum(1 for p, t in zip(builder.parents, builder.tokens, strict=True)
+               if p == 0 and t == 2) == 1  # shared, not duplicated
+
+    # an unlikely chain takes no room from the draft's better candidates
+    builder = TreeBuilder(root_token=0, top_k=2, total_tokens=3)
+    builder.add_children([0], np.array([[1, 2]]), np.log(np.array([[0.5, 0.3]])))
+    builder.add_chain([8, 9], np.log([0.1, 0.05]).tolist())
+    assert builder.finish().tokens == [0, 1, 2]
+
+
+def test_a_raised_node_lifts_its_draft_children():
+    builder = TreeBuilder(root_token=0, top_k=1, total_tokens=3)
+    frontier = builder.add_children([0], np.array([[1]]), np.log(np.array([[0.2]])))
+    builder.add_children(frontier, np.array([[3]]), np.log(np.array([[0.9]])))
+    builder.add_chain([1], [np.log(0.8)])
+    np.testing.assert_allclose(np.exp(builder.scores[1:]), [0.8, 0.72])
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_best_keeps_the_likeliest_nodes_with_their_ancestors(seed):
+    rng = np.random.default_rng(seed)
+    builder = TreeBuilder(root_token=7, top_k=3, total_tokens=12)
+    grow(builder, 4, rng)
+    tree = builder.finish()
+    probs = tree.path_probs()
+    for size in range(1, len(tree.tokens) + 1):
+        cut = tree.best(size)
+        assert len(cut.tokens) == size and cut.tokens[0] == 7
+        for node in range(1, size):
+            assert 0 <= cut.parents[node] < node
+            assert cut.depths[node] == cut.depths[cut.parents[node]] + 1
+        kept = sorted(cut.path_probs(), reverse=True)
+        np.testing.assert_allclose(kept, sorted(probs, reverse=True)[:size])

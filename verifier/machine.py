@@ -35,3 +35,15 @@ def describe_cpu() -> str:
     except OSError:
         pass
     return f"{name}, {physical_cores()} cores"
+
+
+def has_native_bf16() -> bool:
+    """Whether the CPU computes bf16 in hardware (AVX512-BF16 or AMX). Without it PyTorch
+    emulates bf16 matrix products, far slower than fp32 (seen here: ~20×, AVX2 only)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.partition(":")[2].split() for line in cpuinfo
+                          if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

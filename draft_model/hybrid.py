@@ -1,0 +1,76 @@
+"""The DGF draft's tree, extended by prompt lookup.
+
+Each step the request's own context is searched for the longest earlier occurrence of its
+last tokens (draft_model/ngram.py); the tokens that followed are merged into the draft's
+candidate tree as a chain, where the draft already has a token it is shared. Draft
+candidates are ranked by their cumulative draft log-probability (EAGLE-2), lookup tokens by
+the log of their estimated chance of surviving to that depth, learnt per matched n-gram
+length from every lookup (draft_model/lookup_estimates.py) — so the verified budget of
+`total_tokens` goes to whichever proposer's tokens are likelier to be accepted. On code,
+which repeats identifiers and whole lines, lookup often knows the continuation the draft
+is unsure of.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from draft_model.lookup_estimates import LookupEstimates, PendingLookup
+from draft_model.ngram import NgramProposer, NgramState
+from draft_model.proposer import DraftState, Proposer
+from draft_model.tree import DraftTree
+
+FLOOR = 1e-6  # a lookup token's survival chance is never taken as exactly zero
+
+
+@dataclass
+class HybridState:
+    draft: DraftState
+    lookup: NgramState
+    pending: list[PendingLookup] = field(default_factory=list)
+
+
+class HybridProposer:
+    def __init__(self, draft: Proposer, lookup: NgramProposer) -> None:
+        self.draft = draft
+        self.lookup = lookup
+        self.estimates = LookupEstimates(lookup.max_ngram, lookup.max_tokens)
+
+    @property
+    def shape(self):
+        return self.draft.shape
+
+    def new_state(self, capacity: int) -> HybridState:
+        return HybridState(self.draft.new_state(capacity), self.lookup.new_state(capacity))
+
+    def begin(self, state: HybridState, prompt_tokens: list[int], prompt_features: np.ndarray,
+              root_token: int) -> None:
+        self.draft.begin(state.draft, prompt_tokens, prompt_features, root_token)
+        self.lookup.begin(state.lookup, prompt_tokens, prompt_features, root_token)
+
+    def commit(self, state: HybridState, path_features: np.ndarray,
+               next_tokens: list[int]) -> None:
+        self.draft.commit(state.draft, path_features, next_tokens)
+        self.lookup.commit(state.lookup, path_features, next_tokens)
+        self.estimates.score(state.pending, state.lookup.tokens)
+
+    def lookup_chain(self, state: HybridState) -> tuple[list[int], int]:
+        """(the lookup's continuation, its matched n-gram length), remembered for scoring."""
+        limit = min(self.lookup.max_tokens, self.draft.shape.total_tokens - 1)
+        chain, match_length = self.lookup.lookup(state.lookup, limit)
+        self.estimates.remember(state.pending, len(state.lookup.tokens), chain, match_length)
+        return chain, match_length
+
+    def propose(self, state: HybridState, root_token: int, chain: list[int] | None = None,
+                match_length: int = 0) -> DraftTree:
+        """The draft's tree with the lookup chain merged in (looked up here unless given)."""
+        if chain is None:
+            chain, match_length = self.lookup_chain(state)
+        if not chain:
+            return self.draft.propose(state.draft, root_token)
+        survival = self.estimates.by_match[match_length].survival(len(chain))
+        scores = [math.log(max(chance, FLOOR)) for chance in survival]
+        return self.draft.propose(state.draft, root_token, graft=(chain, scores))
