@@ -41,31 +41,36 @@ def best_length(costs: VerifyCosts, acceptance: AcceptanceEstimate, max_drafted:
     return best if best_rate >= min_gain * plain_rate else 0
 
 
+def lookup_length(costs: VerifyCosts, estimates: LookupEstimates, match_length: int,
+                  available: int, min_gain: float = MIN_GAIN) -> int:
+    """How many of a lookup's `available` tokens pay to verify (0 without a match)."""
+    if match_length == 0 or available == 0:
+        return 0
+    return best_length(costs, estimates.by_match[match_length], available, min_gain=min_gain)
+
+
 class LookupBudget:
     """Budget for prompt lookup, one estimate per matched n-gram length."""
 
     def __init__(self, costs: VerifyCosts, max_ngram: int, max_drafted: int) -> None:
         self.costs = costs
         self.max_drafted = max_drafted
-        self.lookups = LookupEstimates(max_ngram, max_drafted)
-        self.estimates = self.lookups.by_match
+        self.estimates = LookupEstimates(max_ngram, max_drafted)
 
     def propose(self, proposer: NgramProposer, sequence) -> DraftTree:
         """Look up a continuation, keep it to score later, verify as much as pays."""
         proposal, match_length = proposer.lookup(sequence.draft_state, self.max_drafted)
-        self.lookups.remember(sequence.pending_proposals, len(sequence.output_tokens),
+        self.estimates.remember(sequence.pending_proposals, len(sequence.output_tokens),
                               proposal, match_length)
         return DraftTree.chain([sequence.root_token,
                                 *proposal[:self.choose(match_length, len(proposal))]])
 
     def choose(self, match_length: int, available: int) -> int:
-        if match_length == 0 or available == 0:
-            return 0
-        return best_length(self.costs, self.estimates[match_length],
-                           min(available, self.max_drafted))
+        return lookup_length(self.costs, self.estimates, match_length,
+                             min(available, self.max_drafted))
 
     def observe(self, sequence, tree: DraftTree, num_accepted: int) -> None:
-        self.lookups.score(sequence.pending_proposals, sequence.output_tokens)
+        self.estimates.score(sequence.pending_proposals, sequence.output_tokens)
 
 
 class TreeBudget:
@@ -102,10 +107,8 @@ class TreeBudget:
     def propose(self, proposer: HybridProposer, sequence) -> DraftTree:
         state, root = sequence.draft_state, sequence.root_token
         chain, match_length = proposer.lookup_chain(state)
-        drafted = 0
-        if match_length:
-            drafted = best_length(self.costs, proposer.estimates.by_match[match_length],
-                                  len(chain), min_gain=self.min_gain)
+        drafted = lookup_length(self.costs, proposer.estimates, match_length, len(chain),
+                                self.min_gain)
         if self._tree_pays(proposer, match_length, drafted) or self._probe_due():
             started = self.clock()
             tree = proposer.propose(state, root, chain, match_length)

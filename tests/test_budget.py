@@ -85,13 +85,13 @@ def test_budget_grows_with_flat_verification_and_good_acceptance():
 def test_lookup_budget_scores_proposals_against_what_the_target_produced():
     budget = LookupBudget(FLAT, max_ngram=3, max_drafted=4)
     pending = []
-    budget.lookups.remember(pending, start=2, proposal=[7, 8, 9], match_length=3)
-    budget.lookups.remember(pending, start=2, proposal=[5], match_length=0)  # no match: skip
-    budget.lookups.score(pending, [1, 2, 7])
+    budget.estimates.remember(pending, start=2, proposal=[7, 8, 9], match_length=3)
+    budget.estimates.remember(pending, start=2, proposal=[5], match_length=0)  # no match: skip
+    budget.estimates.score(pending, [1, 2, 7])
     assert len(pending) == 1  # 7 matched, 8 and 9 not yet known
-    budget.lookups.score(pending, [1, 2, 7, 8, 4])
+    budget.estimates.score(pending, [1, 2, 7, 8, 4])
     assert pending == []
-    rates = budget.estimates[3].rates
+    rates = budget.estimates.by_match[3].rates
     assert rates[0] > 0.5 and rates[1] > 0.5 and rates[2] < 0.5 and rates[3] == 0.5
     assert budget.choose(match_length=0, available=3) == 0
 
@@ -127,7 +127,8 @@ def test_prompt_lookup_output_equals_plain_decoding(chain_target):
     budget = LookupBudget(costs, max_ngram=3, max_drafted=7)
     adaptive = generate(Engine(chain_target, NgramProposer(max_tokens=7), budget=budget), REPEAT)
     assert adaptive.output_tokens == plain.output_tokens
-    assert any(rate != 0.5 for e in budget.estimates.values() for rate in e.rates)  # learnt
+    assert any(rate != 0.5 for e in budget.estimates.by_match.values()
+               for rate in e.rates)  # learnt
 
 
 class FakeHybrid:
