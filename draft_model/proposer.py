@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from draft_model.device_growth import DeviceGrowth
 from draft_model.model import DraftModel, KVCache
 from draft_model.tree import DraftTree, TreeBuilder
 
@@ -37,14 +38,20 @@ class DraftState:
     # pairs accepted by the target but not yet run through the draft
     pending_features: list[np.ndarray] = field(default_factory=list)  # each [m, H]
     pending_tokens: list[int] = field(default_factory=list)
+    growth: DeviceGrowth | None = None  # with device growth: its buffers (and CUDA graph)
 
 
 class Proposer:
-    def __init__(self, model: DraftModel, shape: TreeShape) -> None:
+    def __init__(self, model: DraftModel, shape: TreeShape,
+                 device_growth: bool | None = None) -> None:
+        """device_growth: grow trees on the draft's device (draft_model/device_growth.py,
+        a CUDA graph per sequence on CUDA); default: on CUDA only."""
         self.model = model.eval()
         self.shape = shape
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        self.device_growth = self.device.type == "cuda" if device_growth is None \
+            else device_growth
 
     def new_state(self, capacity: int) -> DraftState:
         """capacity: the longest sequence (prompt + completion) this state will hold."""
@@ -90,6 +97,13 @@ class Proposer:
             return  # no room left to draft
 
         depth = min(shape.depth, shape.total_tokens - 1)
+        if self.device_growth:
+            if state.growth is None or (state.growth.top_k, state.growth.depth) \
+                    != (shape.top_k, depth):
+                state.growth = DeviceGrowth(self.model, state.cache, shape.top_k, depth,
+                                            use_graph=True)
+            state.growth.grow(hidden, committed, builder)
+            return
         frontier = builder.add_children([0], *self._top_children(hidden[None]))
         proposer_hidden = {node: hidden for node in frontier}  # node → output that proposed it
         slot_of: dict[int, int] = {}  # expanded node → its scratch cache slot
@@ -127,7 +141,10 @@ class Proposer:
         start = state.num_committed
         if start + count > state.cache.capacity:
             return None
-        feature_tensor = torch.from_numpy(features).to(self.device, self.dtype)[None]
+        feature_tensor = torch.from_numpy(features)
+        if self.device.type == "cuda":  # pinned: an asynchronous copy
+            feature_tensor = feature_tensor.pin_memory().to(self.device, non_blocking=True)
+        feature_tensor = feature_tensor.to(self.device, self.dtype)[None]
         tokens = torch.tensor([state.pending_tokens], device=self.device)
         positions = torch.arange(start, start + count, device=self.device)[None]
         mask = torch.ones(count, start + count, dtype=torch.bool, device=self.device)

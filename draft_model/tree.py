@@ -91,19 +91,25 @@ class TreeBuilder:
         parents: [P] candidate ids that were expanded; child_tokens, child_log_probs: [P, k].
         The frontier is the best top_k new candidates (ties: earlier first).
         """
-        new_ids, new_scores = [], []
+        new_ids = self.add_level(parents, child_tokens, child_log_probs)
+        order = sorted(new_ids, key=lambda i: (-self.scores[i], i))
+        return order[: self.top_k]
+
+    def add_level(self, parents: list[int], child_tokens: np.ndarray,
+                  child_log_probs: np.ndarray) -> list[int]:
+        """Record the children as in `add_children`; return all their ids, row by row
+        (for a caller that chose the frontier itself)."""
+        new_ids = []
         for row, parent in enumerate(parents):
             for token, log_prob in zip(child_tokens[row].tolist(),
                                        child_log_probs[row].tolist(), strict=True):
                 new_ids.append(len(self.tokens))
-                new_scores.append(self.scores[parent] + log_prob)
                 self.tokens.append(int(token))
                 self.parents.append(parent)
                 self.depths.append(self.depths[parent] + 1)
                 self.log_probs.append(float(log_prob))
-                self.scores.append(new_scores[-1])
-        order = sorted(range(len(new_ids)), key=lambda i: (-new_scores[i], new_ids[i]))
-        return [new_ids[i] for i in order[: self.top_k]]
+                self.scores.append(self.scores[parent] + float(log_prob))
+        return new_ids
 
     def add_chain(self, tokens: list[int], scores: list[float]) -> None:
         """Merge a chain below the root (from another proposer): a token the tree already has

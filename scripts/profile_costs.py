@@ -63,23 +63,33 @@ def verify_profile(model: Path, sizes: list[int], threads: int, context: int,
         target.close()
 
 
-def draft_level_seconds(draft: str, model: Path, device_name: str, top_k: int,
-                        context: int, repeats: int) -> tuple[float, str]:
-    """Median time of one draft forward over a tree level of top_k nodes after `context`
-    cached positions (what each level of a tree costs), on the draft's device."""
-    import torch
-
+def load_draft(draft: str, model: Path, device_name: str):
     from draft_model.checkpoint import load_checkpoint
     from draft_model.device import default_dtype, resolve_device
-    from draft_model.model import KVCache
     from draft_model.shipped import SHIPPED_DRAFT
     from draft_model.target_weights import read_target_weights
 
     device = resolve_device(device_name)
     path = SHIPPED_DRAFT if draft == "shipped" else Path(draft)
-    net = load_checkpoint(path, read_target_weights(model), device, default_dtype(device))
-    config = net.config
-    cache = KVCache.allocate(config, context + top_k, device, default_dtype(device))
+    return load_checkpoint(path, read_target_weights(model), device, default_dtype(device))
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def draft_level_seconds(net, top_k: int, context: int, repeats: int) -> float:
+    """Median time of one draft forward over a tree level of top_k nodes after `context`
+    cached positions (what each level of a tree costs), on the draft's device."""
+    import torch
+
+    from draft_model.model import KVCache
+
+    config, device, dtype = net.config, net.embedding.device, net.embedding.dtype
+    cache = KVCache.allocate(config, context + top_k, device, dtype)
     features = torch.randn(1, top_k, config.hidden_size, device=device)
     tokens = torch.randint(0, config.vocab_size, (1, top_k), device=device)
     positions = torch.full((1, top_k), context, device=device)
@@ -88,13 +98,36 @@ def draft_level_seconds(draft: str, model: Path, device_name: str, top_k: int,
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 2):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             started = time.perf_counter()
             hidden = net(features, tokens, positions, cache, slots, mask)[0]
             torch.topk(net.head_logits(hidden).float(), top_k, dim=-1).indices.cpu()
             times.append(time.perf_counter() - started)
-    return float(np.median(times[2:])), str(device)
+    return float(np.median(times[2:]))
+
+
+def draft_tree_seconds(net, top_k: int, context: int, repeats: int,
+                       device_growth: bool) -> float:
+    """Median time of a whole tree (depth 7, 16 tokens: catch-up of one accepted token, all
+    levels, the tree back on the host), levels driven from the host or grown on the device
+    (draft_model/device_growth.py: a CUDA graph on CUDA)."""
+    from draft_model.proposer import Proposer, TreeShape
+
+    hidden = net.config.hidden_size
+    proposer = Proposer(net, TreeShape(top_k=top_k, depth=7, total_tokens=16),
+                        device_growth=device_growth)
+    rng = np.random.default_rng(0)
+    state = proposer.new_state(context + repeats + 8)
+    proposer.begin(state, rng.integers(0, 1000, context).tolist(),
+                   rng.standard_normal((context, hidden)).astype(np.float32), 1)
+    times = []
+    for _ in range(repeats + 2):
+        synchronize(net.embedding.device)
+        started = time.perf_counter()
+        proposer.propose(state, 1)
+        times.append(time.perf_counter() - started)
+        proposer.commit(state, rng.standard_normal((1, hidden)).astype(np.float32), [1])
+    return float(np.median(times[2:]))
 
 
 def projection(costs: VerifyCosts, level_seconds: float, taus: np.ndarray, k: int,
@@ -113,10 +146,14 @@ def main(argv=None) -> None:
                                                     args.repeats).as_json()
     level = 0.0
     if args.draft:
-        level, device = draft_level_seconds(args.draft, model, args.draft_device,
-                                            args.draft_top_k, args.context, args.repeats)
-        report["draft"] = {"checkpoint": args.draft, "device": device,
-                           "nodes_per_level": args.draft_top_k, "level_seconds": level}
+        net = load_draft(args.draft, model, args.draft_device)
+        level = draft_level_seconds(net, args.draft_top_k, args.context, args.repeats)
+        trees = {mode: draft_tree_seconds(net, args.draft_top_k, args.context, args.repeats,
+                                          device_growth=mode == "device")
+                 for mode in ("host", "device")}
+        report["draft"] = {"checkpoint": args.draft, "device": str(net.embedding.device),
+                           "nodes_per_level": args.draft_top_k, "level_seconds": level,
+                           "tree_seconds": trees}
     big = None
     if args.random_7b:
         if not args.random_7b.exists():
@@ -149,7 +186,9 @@ def write_report(report: dict, big: VerifyCosts | None, level: float,
         d = report["draft"]
         lines += ["", f"Draft {d['checkpoint']} on {d['device']}: "
                   f"{d['level_seconds'] * 1000:.2f} ms per tree level of "
-                  f"{d['nodes_per_level']} nodes."]
+                  f"{d['nodes_per_level']} nodes; a whole tree (depth 7, 16 tokens) "
+                  f"{d['tree_seconds']['host'] * 1000:.2f} ms with host-driven levels, "
+                  f"{d['tree_seconds']['device'] * 1000:.2f} ms grown on the device."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
     import matplotlib

@@ -128,6 +128,53 @@ def test_reduced_vocabulary_maps_head_indices_to_target_ids():
         tiny_model(draft_vocab=4)  # a reduced head needs its ids
 
 
+def grow_trees(proposer: Proposer, steps: int, seed: int = 0) -> list:
+    """Trees of `steps` draft → commit rounds over random features, accepting each tree's
+    first path down to depth 2 (so the catch-up and the scratch slots move every round)."""
+    rng = np.random.default_rng(seed)
+    state = proposer.new_state(capacity=64)
+    proposer.begin(state, [1, 2, 3, 4], rng.standard_normal((4, HIDDEN)).astype(np.float32), 5)
+    trees, root = [], 5
+    for _ in range(steps):
+        tree = proposer.propose(state, root)
+        trees.append(tree)
+        path = [0]
+        while len(path) < 3 and (children := [i for i, p in enumerate(tree.parents)
+                                              if p == path[-1]]):
+            path.append(children[0])
+        accepted = [tree.tokens[i] for i in path[1:]]
+        root = int(rng.integers(VOCAB))  # the bonus token
+        proposer.commit(state, rng.standard_normal((len(path), HIDDEN)).astype(np.float32),
+                        [*accepted, root])
+    return trees
+
+
+@pytest.mark.parametrize("shape", [TreeShape(top_k=4, depth=5, total_tokens=12),
+                                   TreeShape(top_k=1, depth=6, total_tokens=7),
+                                   TreeShape(top_k=3, depth=1, total_tokens=4)],
+                         ids=["tree", "chain", "one-level"])
+def test_device_growth_grows_the_same_trees_as_host_growth(shape):
+    """The fixed-shape growth (a CUDA graph on a GPU) must propose exactly what the
+    host-driven level loop proposes: same candidates, same frontier, same cache slots."""
+    model = tiny_model(num_layers=2)
+    host = grow_trees(Proposer(model, shape, device_growth=False), steps=6)
+    device = grow_trees(Proposer(model, shape, device_growth=True), steps=6)
+    assert len({tuple(t.tokens) for t in host}) > 1  # the trees do change step to step
+    for a, b in zip(host, device, strict=True):
+        assert (a.tokens, a.parents, a.depths) == (b.tokens, b.parents, b.depths)
+        np.testing.assert_allclose(a.draft_probs, b.draft_probs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_growth_equals_eager_growth():
+    shape = TreeShape(top_k=4, depth=5, total_tokens=12)
+    model = tiny_model(num_layers=2).cuda()
+    graphed = grow_trees(Proposer(model, shape, device_growth=True), steps=6)
+    host = grow_trees(Proposer(model, shape, device_growth=False), steps=6)
+    for a, b in zip(host, graphed, strict=True):
+        assert (a.tokens, a.parents) == (b.tokens, b.parents)
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = tiny_model(draft_vocab=4, head_ids=torch.tensor([1, 2, 3, 4]))
     save_checkpoint(model, tiny_target().info, tmp_path / "draft", training={"steps": 3})
