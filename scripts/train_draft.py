@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from draft_model.checkpoint import load_checkpoint, save_checkpoint
 from draft_model.config import DraftConfig
@@ -179,7 +180,8 @@ def evaluate(model: DraftModel, sets: dict[str, list], max_new_tokens: int,
                 proposer = HybridProposer(proposer,
                                           NgramProposer(max_tokens=shape.total_tokens - 1))
             stats = AcceptanceStats()
-            for tokens, features, start in rows[:limit]:
+            for tokens, features, start in tqdm(rows[:limit], desc=f"replay {name} {shape_name}",
+                                                unit="answer", leave=False):
                 stats.merge(replay(proposer, tokens, features, start, max_new_tokens))
             results[f"{name}_{shape_name}"] = stats.to_dict()
     return results
