@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from server.local_server import LocalServer
@@ -83,3 +85,36 @@ def client(server):
     import openai  # only the API tests need the client
 
     return openai.OpenAI(base_url=server.v1, api_key=server.api_key, max_retries=0, timeout=120)
+
+
+NEAR_TIE = 0.05  # top-1 minus top-2 logit of the plain decoding
+
+
+def prompt_tokens(target, text):
+    return target.tokenizer.encode(target.chat_template.render([{"role": "user", "content": text}]))
+
+
+@dataclass(frozen=True)
+class Reference:
+    tokens: list[int]
+    gaps: list[float]  # top-1 minus top-2 logit where each output token was chosen
+
+
+def plain_greedy(target, text, max_new) -> Reference:
+    """One token per decode, recording the top-two logit gap of every choice."""
+    slot = target.acquire_slot()
+    logits = target.prefill(slot, prompt_tokens(target, text)).last_logits
+    tokens, gaps = [], []
+    while True:
+        top2 = np.sort(logits)[-2:]
+        gaps.append(float(top2[1] - top2[0]))
+        token = int(np.argmax(logits))
+        if target.tokenizer.is_end_of_generation(token):
+            break
+        tokens.append(token)
+        if len(tokens) == max_new:
+            break
+        logits = target.decode(slot, token).logits[0]
+        target.commit(slot, [0])
+    target.release_slot(slot)
+    return Reference(tokens, gaps)

@@ -15,8 +15,6 @@ top two logits were within NEAR_TIE; and at least 20 outputs must be identical t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
@@ -33,7 +31,7 @@ from draft_model.vocab import most_frequent_tokens
 from server.budget import TreeBudget
 from server.engine import Engine
 from server.sequence import Sequence
-from tests.conftest import make_target
+from tests.conftest import NEAR_TIE, Reference, make_target, plain_greedy, prompt_tokens
 from verifier.costs import VerifyCosts
 from verifier.sampling import SamplingParams
 
@@ -63,15 +61,10 @@ PROMPTS = [
     ("What does HTTP stand for?", 64),
     ("Give an example of a JSON object describing a book.", 64),
 ]
-NEAR_TIE = 0.05  # top-1 minus top-2 logit of the plain decoding
 
 CHAIN = TreeShape(top_k=1, depth=4, total_tokens=5)
 TREE = TreeShape(top_k=3, depth=4, total_tokens=8)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def prompt_tokens(target, text):
-    return target.tokenizer.encode(target.chat_template.render([{"role": "user", "content": text}]))
 
 
 def generate(engine, prompts, params=None):
@@ -102,32 +95,6 @@ def target(f16_model):
 @pytest.fixture(scope="module")
 def weights(f16_model):
     return read_target_weights(f16_model)
-
-
-@dataclass(frozen=True)
-class Reference:
-    tokens: list[int]
-    gaps: list[float]  # top-1 minus top-2 logit where each output token was chosen
-
-
-def plain_greedy(target, text, max_new) -> Reference:
-    """One token per decode, recording the top-two logit gap of every choice."""
-    slot = target.acquire_slot()
-    logits = target.prefill(slot, prompt_tokens(target, text)).last_logits
-    tokens, gaps = [], []
-    while True:
-        top2 = np.sort(logits)[-2:]
-        gaps.append(float(top2[1] - top2[0]))
-        token = int(np.argmax(logits))
-        if target.tokenizer.is_end_of_generation(token):
-            break
-        tokens.append(token)
-        if len(tokens) == max_new:
-            break
-        logits = target.decode(slot, token).logits[0]
-        target.commit(slot, [0])
-    target.release_slot(slot)
-    return Reference(tokens, gaps)
 
 
 def matches(output: list[int], reference: Reference, text: str) -> bool:
