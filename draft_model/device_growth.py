@@ -120,6 +120,12 @@ class DeviceGrowth:
             ancestors = ancestors[parent_rows]
 
     def _top_children(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        log_probs = torch.log_softmax(self.model.head_logits(hidden).float(), dim=-1)
-        top = torch.topk(log_probs, self.top_k, dim=-1)
-        return self.model.head_token_ids[top.indices], top.values
+        return top_children(self.model, hidden, self.top_k)
+
+
+def top_children(model: DraftModel, hidden: torch.Tensor,
+                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [P, H] → target token ids and log-probs of the draft's top k, each [P, k]."""
+    log_probs = torch.log_softmax(model.head_logits(hidden).float(), dim=-1)
+    top = torch.topk(log_probs, k, dim=-1)
+    return model.head_token_ids[top.indices], top.values

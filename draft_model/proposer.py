@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from draft_model.device_growth import DeviceGrowth
+from draft_model.device_growth import DeviceGrowth, top_children
 from draft_model.model import DraftModel, KVCache
 from draft_model.tree import DraftTree, TreeBuilder
 
@@ -157,7 +157,5 @@ class Proposer:
 
     def _top_children(self, hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """hidden [P, H] → target token ids and log-probs of the top_k, each [P, k]."""
-        log_probs = torch.log_softmax(self.model.head_logits(hidden).float(), dim=-1)
-        top = torch.topk(log_probs, self.shape.top_k, dim=-1)
-        tokens = self.model.head_token_ids[top.indices]
-        return tokens.cpu().numpy(), top.values.cpu().numpy()
+        tokens, log_probs = top_children(self.model, hidden, self.shape.top_k)
+        return tokens.cpu().numpy(), log_probs.cpu().numpy()
