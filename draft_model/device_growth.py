@@ -8,7 +8,8 @@ arithmetic. Here everything after the catch-up stays on the device: each level's
 ancestor-slot row per frontier node), the cache slots and positions. Every level has the
 same shapes (k rows attending over the whole cache, masked), so on CUDA the growth of a
 sequence is captured once as a CUDA graph and each tree is one replay and one copy of its
-candidates into pinned host memory. On a CPU the same code runs eagerly (tests use it).
+candidates into pinned host memory, started without waiting (`start`) and collected when
+the tree is needed (`collect`). On a CPU the same code runs eagerly (tests use it).
 
 Outputs, for levels 1…depth: the children's tokens and log-probs [depth, k, k] (level 1
 uses row 0: the root's children) and `chosen` [depth, k], each level's frontier as flat
@@ -39,31 +40,40 @@ class DeviceGrowth:
         self.true = torch.ones((), dtype=torch.bool, device=device)  # no host scalar in a graph
         self.use_graph = use_graph and device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[torch.Tensor, ...] = ()  # the started growth's, on the host
         if self.use_graph:
             pinned = {"pin_memory": True}
             self.host = (torch.empty(self.child_tokens.shape, dtype=torch.long, **pinned),
                          torch.empty(self.child_log_probs.shape, **pinned),
                          torch.empty(self.chosen.shape, dtype=torch.long, **pinned))
+            self.done = torch.cuda.Event()
 
-    def grow(self, root_hidden: torch.Tensor, committed: int,
-             builder: TreeBuilder) -> None:
-        """root_hidden [H] predicts the root's children; `committed` cache slots are
-        committed pairs. Adds the tree's candidates to builder."""
+    def start(self, root_hidden: torch.Tensor, committed: int) -> None:
+        """Queue the growth below root_hidden [H] (it predicts the root's children);
+        `committed` cache slots hold committed pairs. On CUDA this returns at once: the
+        replay and the copies into pinned memory run while the host goes on; `collect`
+        waits for them."""
         self.root_hidden.copy_(root_hidden)
         self.committed.fill_(committed)
         if not self.use_graph:
             self._levels()
-            outputs = (self.child_tokens.cpu(), self.child_log_probs.cpu(), self.chosen.cpu())
-        else:
-            if self.graph is None:
-                self._capture()
-            self.graph.replay()
-            for host, device in zip(self.host, (self.child_tokens, self.child_log_probs,
-                                                self.chosen), strict=True):
-                host.copy_(device, non_blocking=True)
-            torch.cuda.current_stream().synchronize()
-            outputs = self.host
-        self.replay_into(builder, *(t.numpy() for t in outputs))
+            self.outputs = (self.child_tokens.cpu(), self.child_log_probs.cpu(),
+                            self.chosen.cpu())
+            return
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        for host, device in zip(self.host, (self.child_tokens, self.child_log_probs,
+                                            self.chosen), strict=True):
+            host.copy_(device, non_blocking=True)
+        self.done.record()
+        self.outputs = self.host
+
+    def collect(self, builder: TreeBuilder) -> None:
+        """Add the started growth's candidates to builder (waiting for the device)."""
+        if self.use_graph:
+            self.done.synchronize()
+        self.replay_into(builder, *(t.numpy() for t in self.outputs))
 
     def replay_into(self, builder: TreeBuilder, child_tokens: np.ndarray,
                     child_log_probs: np.ndarray, chosen: np.ndarray) -> None:

@@ -57,6 +57,9 @@ class HybridProposer:
         self.lookup.commit(state.lookup, path_features, next_tokens)
         self.estimates.score(state.pending, state.lookup.tokens)
 
+    def launch(self, state: HybridState) -> None:
+        self.draft.launch(state.draft)
+
     def lookup_chain(self, state: HybridState) -> tuple[list[int], int]:
         """(the lookup's continuation, its matched n-gram length), remembered for scoring."""
         limit = min(self.lookup.max_tokens, self.draft.shape.total_tokens - 1)

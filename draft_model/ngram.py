@@ -36,6 +36,9 @@ class NgramProposer:
     def commit(self, state: NgramState, path_features, next_tokens: list[int]) -> None:
         self._extend(state, next_tokens)
 
+    def launch(self, state: NgramState) -> None:
+        """Nothing to start ahead: a lookup is done when the step needs it."""
+
     def propose(self, state: NgramState, root_token: int,
                 max_tokens: int | None = None) -> DraftTree:
         """A chain of up to max_tokens drafted tokens after the root (the context's end)."""

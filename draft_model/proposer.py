@@ -39,6 +39,7 @@ class DraftState:
     pending_features: list[np.ndarray] = field(default_factory=list)  # each [m, H]
     pending_tokens: list[int] = field(default_factory=list)
     growth: DeviceGrowth | None = None  # with device growth: its buffers (and CUDA graph)
+    launched: bool = False  # with device growth: a tree below the last catch-up is started
 
 
 class Proposer:
@@ -77,33 +78,47 @@ class Proposer:
         state.pending_tokens.extend(next_tokens)
 
     @torch.inference_mode()
+    def launch(self, state: DraftState) -> None:
+        """With device growth: start the next tree now — the catch-up on the pending pairs
+        and the growth are queued on the device, and `propose` collects them. The engine
+        calls this as soon as a step's accepted tokens are committed, so the device drafts
+        while the host commits the target's cache, streams tokens and looks up the next
+        step's proposal. Without device growth the draft runs on the host's schedule anyway:
+        nothing to start early."""
+        if not self.device_growth or (state.launched and not state.pending_tokens):
+            return
+        hidden = self._catch_up_to_grow(state)
+        state.launched = hidden is not None
+        if hidden is None:
+            return
+        top_k, depth = self.shape.top_k, self._depth
+        if state.growth is None or (state.growth.top_k, state.growth.depth) != (top_k, depth):
+            state.growth = DeviceGrowth(self.model, state.cache, top_k, depth, use_graph=True)
+        state.growth.start(hidden, state.num_committed)
+
+    @torch.inference_mode()
     def propose(self, state: DraftState, root_token: int,
                 graft: tuple[list[int], list[float]] | None = None) -> DraftTree:
         """The draft's tree below root_token. graft: (tokens, cumulative log-scores) of a
         chain from another proposer, ranked together with the draft's candidates."""
         builder = TreeBuilder(root_token, self.shape.top_k, self.shape.total_tokens)
-        self._grow(state, builder)
+        if self.device_growth:
+            self.launch(state)  # unless launched already
+            if state.launched:
+                state.growth.collect(builder)
+                state.launched = False
+        else:
+            self._grow(state, builder)
         if graft is not None:
             builder.add_chain(*graft)
         return builder.finish()
 
     def _grow(self, state: DraftState, builder: TreeBuilder) -> None:
-        shape = self.shape
-        hidden = self._catch_up(state)  # [H]: predicts the root's children
-        if hidden is None or shape.total_tokens <= 1:
+        """The host-driven growth: per level, a mask built here and the top-k read back."""
+        hidden = self._catch_up_to_grow(state)
+        if hidden is None:
             return
-        committed = state.num_committed
-        if committed + shape.max_scratch_slots + shape.depth > state.cache.capacity:
-            return  # no room left to draft
-
-        depth = min(shape.depth, shape.total_tokens - 1)
-        if self.device_growth:
-            if state.growth is None or (state.growth.top_k, state.growth.depth) \
-                    != (shape.top_k, depth):
-                state.growth = DeviceGrowth(self.model, state.cache, shape.top_k, depth,
-                                            use_graph=True)
-            state.growth.grow(hidden, committed, builder)
-            return
+        committed, depth = state.num_committed, self._depth
         frontier = builder.add_children([0], *self._top_children(hidden[None]))
         proposer_hidden = {node: hidden for node in frontier}  # node → output that proposed it
         slot_of: dict[int, int] = {}  # expanded node → its scratch cache slot
@@ -131,6 +146,21 @@ class Proposer:
             frontier = builder.add_children(expanded, *children)
             by_parent = dict(zip(expanded, outputs, strict=True))
             proposer_hidden = {node: by_parent[builder.parents[node]] for node in frontier}
+
+    @property
+    def _depth(self) -> int:
+        return min(self.shape.depth, self.shape.total_tokens - 1)
+
+    def _catch_up_to_grow(self, state: DraftState) -> torch.Tensor | None:
+        """Catch up; the output [H] that predicts the root's children, or None when no
+        tree grows (nothing pending, a one-node tree, no scratch room left)."""
+        shape = self.shape
+        hidden = self._catch_up(state)
+        if hidden is None or shape.total_tokens <= 1:
+            return None
+        if state.num_committed + shape.max_scratch_slots + shape.depth > state.cache.capacity:
+            return None
+        return hidden
 
     def _catch_up(self, state: DraftState) -> torch.Tensor | None:
         """Run the pending pairs through the draft into committed cache slots."""

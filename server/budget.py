@@ -112,7 +112,7 @@ class TreeBudget:
         if self._tree_pays(proposer, match_length, drafted) or self._probe_due():
             started = self.clock()
             tree = proposer.propose(state, root, chain, match_length)
-            seconds = self.clock() - started
+            seconds = sequence.launch_seconds + self.clock() - started  # started early too
             self.draft_seconds = self._average(self.draft_seconds, seconds)
             self.since_probe = 0.0
             tree, predicted = self._cut(tree)

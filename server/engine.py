@@ -178,7 +178,8 @@ class Engine:
                 continue
             started = time.perf_counter()
             tree = self._guarded(self._propose, sequence)
-            sequence.draft_seconds = time.perf_counter() - started
+            sequence.draft_seconds = sequence.launch_seconds + time.perf_counter() - started
+            sequence.launch_seconds = 0.0
             if tree is not None:
                 trees.append((sequence, tree))
         return trees
@@ -190,6 +191,12 @@ class Engine:
             tree = self.proposer.propose(sequence.draft_state, sequence.root_token)
         self.target.check_tree(TreeRequest(sequence.slot, tree.tokens, tree.parents))
         return tree
+
+    def _launch(self, sequence: Sequence) -> None:
+        """Start the next tree on the draft's device (with device growth; else a no-op)."""
+        started = time.perf_counter()
+        self.proposer.launch(sequence.draft_state)
+        sequence.launch_seconds = time.perf_counter() - started
 
     def _next_chunks(self, sequences: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """Up to chunk_size prompt tokens in all, oldest request first. Each chunk is as
@@ -238,6 +245,7 @@ class Engine:
             sequence.draft_state = self.proposer.new_state(capacity)
             self.proposer.begin(sequence.draft_state, sequence.prompt_tokens,
                                 np.concatenate(sequence.prompt_features), token)
+            self._launch(sequence)
             sequence.prompt_features.clear()
         sequence.record_step(num_drafted=0, num_accepted=0)
         sequence.root_token = token
@@ -246,12 +254,14 @@ class Engine:
     def _advance(self, sequence: Sequence, tree: DraftTree, output: TreeOutput) -> None:
         """After the decode: accept, commit both sides, record the new tokens."""
         acceptance = self._accept(sequence, tree, output)
-        self.target.commit(sequence.slot, acceptance.path)
         new_tokens = [tree.tokens[node] for node in acceptance.path[1:]]
         new_tokens.append(acceptance.bonus_token)
         if self.proposer is not None:
             self.proposer.commit(sequence.draft_state, output.features[acceptance.path],
                                  new_tokens)
+            if self.budget is None or sequence.budget_step is not None:  # drafted a tree
+                self._launch(sequence)  # likely to draft again: start it now
+        self.target.commit(sequence.slot, acceptance.path)
         sequence.record_step(num_drafted=tree.num_drafted, num_accepted=acceptance.num_accepted)
         if self.metrics is not None:
             self.metrics.observe_step(tree.num_drafted, acceptance.num_accepted,

@@ -79,6 +79,7 @@ class Sequence:
     num_prompt_read: int = 0  # prompt tokens the target has evaluated
     prompt_features: list[np.ndarray] = field(default_factory=list)  # per chunk, for the draft
     draft_seconds: float = 0.0  # the last step's drafting time
+    launch_seconds: float = 0.0  # starting the next tree early (Proposer.launch), host time
     pending_proposals: list = field(default_factory=list)  # for the adaptive budget's scoring
     budget_step: tuple | None = None  # the adaptive budget's note on this step's tree
 

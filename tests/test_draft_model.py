@@ -128,20 +128,27 @@ def test_reduced_vocabulary_maps_head_indices_to_target_ids():
         tiny_model(draft_vocab=4)  # a reduced head needs its ids
 
 
-def grow_trees(proposer: Proposer, steps: int, seed: int = 0) -> list:
+def grow_trees(proposer: Proposer, steps: int, seed: int = 0, launch: bool = False,
+               skip: tuple[int, ...] = ()) -> list:
     """Trees of `steps` draft → commit rounds over random features, accepting each tree's
-    first path down to depth 2 (so the catch-up and the scratch slots move every round)."""
+    first path down to depth 2 (so the catch-up and the scratch slots move every round).
+    launch: start each tree right after the commit before it, as the engine does; steps in
+    skip commit a plain step (just the bonus token) without asking for a tree, as when the
+    budget chooses plain decoding."""
     rng = np.random.default_rng(seed)
-    state = proposer.new_state(capacity=64)
+    state = proposer.new_state(capacity=80)
     proposer.begin(state, [1, 2, 3, 4], rng.standard_normal((4, HIDDEN)).astype(np.float32), 5)
     trees, root = [], 5
-    for _ in range(steps):
-        tree = proposer.propose(state, root)
-        trees.append(tree)
+    for step in range(steps):
+        if launch:
+            proposer.launch(state)
         path = [0]
-        while len(path) < 3 and (children := [i for i, p in enumerate(tree.parents)
-                                              if p == path[-1]]):
-            path.append(children[0])
+        if step not in skip:
+            tree = proposer.propose(state, root)
+            trees.append(tree)
+            while len(path) < 3 and (children := [i for i, p in enumerate(tree.parents)
+                                                  if p == path[-1]]):
+                path.append(children[0])
         accepted = [tree.tokens[i] for i in path[1:]]
         root = int(rng.integers(VOCAB))  # the bonus token
         proposer.commit(state, rng.standard_normal((len(path), HIDDEN)).astype(np.float32),
@@ -155,22 +162,34 @@ def grow_trees(proposer: Proposer, steps: int, seed: int = 0) -> list:
                          ids=["tree", "chain", "one-level"])
 def test_device_growth_grows_the_same_trees_as_host_growth(shape):
     """The fixed-shape growth (a CUDA graph on a GPU) must propose exactly what the
-    host-driven level loop proposes: same candidates, same frontier, same cache slots."""
+    host-driven level loop proposes: same candidates, same frontier, same cache slots —
+    also when each tree is started early (right after the commit) and when started trees
+    go unused on plain steps."""
     model = tiny_model(num_layers=2)
     host = grow_trees(Proposer(model, shape, device_growth=False), steps=6)
     device = grow_trees(Proposer(model, shape, device_growth=True), steps=6)
+    early = grow_trees(Proposer(model, shape, device_growth=True), steps=6, launch=True)
     assert len({tuple(t.tokens) for t in host}) > 1  # the trees do change step to step
-    for a, b in zip(host, device, strict=True):
-        assert (a.tokens, a.parents, a.depths) == (b.tokens, b.parents, b.depths)
+    for a, b, c in zip(host, device, early, strict=True):
+        assert (a.tokens, a.parents, a.depths) == (b.tokens, b.parents, b.depths) \
+            == (c.tokens, c.parents, c.depths)
         np.testing.assert_allclose(a.draft_probs, b.draft_probs, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a.draft_probs, c.draft_probs, rtol=1e-4, atol=1e-6)
+    skip = (1, 2, 4)
+    host = grow_trees(Proposer(model, shape, device_growth=False), steps=8, skip=skip)
+    early = grow_trees(Proposer(model, shape, device_growth=True), steps=8, launch=True,
+                       skip=skip)
+    for a, c in zip(host, early, strict=True):
+        assert (a.tokens, a.parents) == (c.tokens, c.parents)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_growth_equals_eager_growth():
     shape = TreeShape(top_k=4, depth=5, total_tokens=12)
     model = tiny_model(num_layers=2).cuda()
-    graphed = grow_trees(Proposer(model, shape, device_growth=True), steps=6)
-    host = grow_trees(Proposer(model, shape, device_growth=False), steps=6)
+    graphed = grow_trees(Proposer(model, shape, device_growth=True), steps=8, launch=True,
+                         skip=(2, 3))
+    host = grow_trees(Proposer(model, shape, device_growth=False), steps=8, skip=(2, 3))
     for a, b in zip(host, graphed, strict=True):
         assert (a.tokens, a.parents) == (b.tokens, b.parents)
 

@@ -286,8 +286,9 @@ COPY = ("Add type hints to this function:\ndef add_numbers(first_number, second_
 @pytest.mark.parametrize("budgeted", [False, True], ids=["full-tree", "budget"])
 def test_draft_tree_with_prompt_lookup_equals_plain_decoding(budgeted, target, references,
                                                              trained_draft, random_draft):
-    def hybrid(draft):
-        return HybridProposer(Proposer(draft, TREE),
+    def hybrid(draft):  # the budgeted engine takes the GPU's path: trees grown on the
+        # device (eagerly on a CPU) and started as soon as a step's tokens are committed
+        return HybridProposer(Proposer(draft, TREE, device_growth=budgeted),
                               NgramProposer(max_tokens=TREE.total_tokens - 1))
 
     proposer = hybrid(trained_draft)
