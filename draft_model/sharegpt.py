@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
@@ -72,3 +72,56 @@ def iter_conversations(path: Path | str, split: str = "train",
         messages = to_messages(record)
         if messages:
             yield record_id, messages
+
+
+def prompts_of(messages: list[dict[str, str]], turns: str = "first") -> list[list[dict[str, str]]]:
+    """The prompts a conversation gives the target to answer: the messages before its first
+    assistant turn ("first"), or before each assistant turn ("all": a later prompt carries
+    the conversation so far, with ShareGPT's own answers in it)."""
+    if turns not in ("first", "all"):
+        raise ValueError(f"turns must be 'first' or 'all', not {turns!r}")
+    ends = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    return [messages[:end] for end in (ends[:1] if turns == "first" else ends)]
+
+
+def fit_prompt(messages: list[dict[str, str]], render: Callable[[list[dict], bool], str],
+               encode: Callable[[str], list[int]], max_tokens: int) -> list[int] | None:
+    """The prompt's tokens, rendered with the generation prompt, in at most max_tokens.
+
+    A prompt over the limit loses its oldest exchanges first (a system message stays), then
+    the middle of its last message's text, so it still ends asking the assistant to answer
+    (cutting the tokens instead would leave the target continuing the user's text).
+    None when even that does not fit.
+    """
+    messages = list(messages)
+    tokens = encode(render(messages, True))
+    if len(tokens) > max_tokens:
+        # the earliest user turn to start from that fits (a binary search: long conversations)
+        head = messages[:1] if messages[0]["role"] == "system" else []
+        starts = [i for i in range(len(head), len(messages)) if messages[i]["role"] == "user"]
+        low, high = 1, len(starts) - 1  # starts[0] is the whole prompt, known not to fit
+        best = None
+        while low <= high:
+            middle = (low + high) // 2
+            trial = encode(render(head + messages[starts[middle]:], True))
+            if len(trial) <= max_tokens:
+                best, high = (middle, trial), middle - 1
+            else:
+                low = middle + 1
+        if best is not None:
+            return best[1]
+        if len(starts) > 1:
+            messages = head + messages[starts[-1]:]
+            tokens = encode(render(messages, True))
+    original = messages[-1]["content"]
+    keep = len(original)  # characters of the last message kept: its start and its end
+    for _ in range(64):
+        if len(tokens) <= max_tokens:
+            return tokens
+        keep = min(keep - 1, keep * max_tokens // len(tokens))
+        if keep < 2:
+            return None
+        shortened = original[:keep // 2] + "\n…\n" + original[len(original) - keep // 2:]
+        messages[-1] = {**messages[-1], "content": shortened}
+        tokens = encode(render(messages, True))
+    return None

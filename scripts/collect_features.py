@@ -1,8 +1,9 @@
 """Collect the draft's training data: ShareGPT through the target, with its features.
 
   --source sharegpt      conversations teacher-forced through the target (the paper's data)
-  --source self-distill  the target answers each conversation's first prompt greedily and
-                         the draft learns those answers (at T=0 it must predict exactly them)
+  --source self-distill  the target answers each conversation's first prompt (--turns all:
+                         every user turn, after the conversation so far) greedily and the
+                         draft learns those answers (at T=0 it must predict exactly them)
   --backend llama-cpp    the serving target on the CPU (default)
   --backend torch        the same GGUF in PyTorch (draft_model/torch_target.py), e.g. on a GPU
   --tokens-only          write {split}.npz token sets without features (training then
@@ -27,7 +28,12 @@ from tqdm import tqdm
 from draft_model.features import FeatureShard, pending_shards, shard_path
 from draft_model.humaneval import humaneval_messages, humaneval_problems
 from draft_model.sequences import SequenceSet, chat_tokens_with_mask
-from draft_model.sharegpt import default_sharegpt_path, iter_conversations
+from draft_model.sharegpt import (
+    default_sharegpt_path,
+    fit_prompt,
+    iter_conversations,
+    prompts_of,
+)
 from verifier.default_model import default_model_path
 
 SPLITS = ("heldout", "train")
@@ -52,7 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heldout-limit", type=int, default=200)
     parser.add_argument("--heldout-percent", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=2048)
-    parser.add_argument("--max-prompt-tokens", type=int, default=512)
+    parser.add_argument("--max-prompt-tokens", type=int, default=512,
+                        help="a longer prompt loses its oldest exchanges, then the middle of "
+                             "its last message")
+    parser.add_argument("--turns", choices=("first", "all"), default="first",
+                        help="self-distill / prompts: answer each conversation's first user "
+                             "turn, or every user turn (with the conversation before it)")
     parser.add_argument("--max-new-tokens", type=int, default=384)
     parser.add_argument("--shard-size", type=int, default=64, help="sequences per shard")
     parser.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: all)")
@@ -106,9 +117,17 @@ def conversations(args, split: str) -> list[list[dict]]:
     return found
 
 
-def first_prompt(messages: list[dict]) -> list[dict]:
-    end = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:end]
+def prompt_tokens(args, split: str, render, encode) -> list[list[int]]:
+    """The rendered prompts of the split's conversations (--turns), each fitted into
+    --max-prompt-tokens (sharegpt.fit_prompt); prompts that cannot fit are left out."""
+    prompts = [fit_prompt(prompt, render, encode, args.max_prompt_tokens)
+               for messages in conversations(args, split)
+               for prompt in prompts_of(messages, args.turns)]
+    fitted = [tokens for tokens in prompts if tokens is not None]
+    if len(fitted) < len(prompts):
+        print(f"{split}: {len(prompts) - len(fitted)} of {len(prompts)} prompts do not fit in "
+              f"{args.max_prompt_tokens} tokens, left out")
+    return fitted
 
 
 def main(argv=None) -> None:
@@ -135,8 +154,7 @@ def main(argv=None) -> None:
             limit = args.heldout_limit if split == "heldout" else args.limit
             items = [list(map(int, t)) for t, _ in prompt_set][:limit or None]
         elif args.source == "self-distill" or args.prompts_only:
-            items = [encode(render(first_prompt(m), True))[:args.max_prompt_tokens]
-                     for m in conversations(args, split)]
+            items = prompt_tokens(args, split, render, encode)
         else:
             items = [chat_tokens_with_mask(m, render, encode, args.max_length)
                      for m in conversations(args, split)]

@@ -14,9 +14,11 @@ from draft_model.model import DraftModel
 from draft_model.sequences import SequenceSet, chat_tokens_with_mask, padded_batches
 from draft_model.sharegpt import (
     default_sharegpt_path,
+    fit_prompt,
     is_held_out,
     iter_conversations,
     iter_records,
+    prompts_of,
     to_messages,
 )
 from draft_model.train import Batch, TrainConfig, draft_loss
@@ -62,14 +64,75 @@ def test_the_held_out_split_is_fixed():
     assert 0 < sum(is_held_out(f"id{i}", 10) for i in range(1000)) < 200
 
 
+def render(messages, add_generation_prompt):
+    """A tiny chat template (one character per token with `encode`)."""
+    text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
+    return text + ("<assistant>" if add_generation_prompt else "")
+
+
+def encode(text):
+    return [ord(c) for c in text]
+
+
+def decode(tokens):
+    return "".join(map(chr, tokens))
+
+
+CONVERSATION = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+
+
+def test_prompts_are_the_first_user_turn_or_every_user_turn_with_its_history():
+    assert prompts_of(CONVERSATION) == [CONVERSATION[:1]]
+    assert prompts_of(CONVERSATION, "all") == [CONVERSATION[:1], CONVERSATION[:3]]
+    system = [{"role": "system", "content": "s"}, *CONVERSATION]
+    assert prompts_of(system, "all") == [system[:2], system[:4]]
+    with pytest.raises(ValueError):
+        prompts_of(CONVERSATION, "last")
+
+
+def test_a_long_prompt_still_ends_asking_for_the_answer():
+    question = "START " + "x" * 500 + " END?"
+    tokens = fit_prompt([{"role": "user", "content": question}], render, encode, 100)
+    text = decode(tokens)
+    assert 90 <= len(tokens) <= 100
+    assert text.startswith("<user>START ") and text.endswith(" END?</><assistant>")
+    assert "\n…\n" in text
+    # short prompts are left as they are
+    short = [{"role": "user", "content": "hi"}]
+    assert fit_prompt(short, render, encode, 100) == encode(render(short, True))
+
+
+def test_a_long_conversation_loses_its_oldest_exchanges_first():
+    system = {"role": "system", "content": "sys"}
+    turns = [system, *CONVERSATION, {"role": "user", "content": "q3 " + "y" * 40}]
+    whole = len(encode(render(turns, True)))
+    text = decode(fit_prompt(turns, render, encode, whole - 1))
+    assert text == render([system, *CONVERSATION[2:], turns[-1]], True)  # q1/a1 went
+    text = decode(fit_prompt(turns, render, encode, len(render([system, turns[-1]], True))))
+    assert text == render([system, turns[-1]], True)  # everything but system and last turn
+    # then the last message is shortened; a system message alone over the limit cannot fit
+    limit = len(render([system, {"role": "user", "content": ""}], True)) + 20
+    text = decode(fit_prompt(turns, render, encode, limit))
+    assert len(text) <= limit and text.startswith("<system>sys</><user>q3 ")
+    assert text.endswith("y</><assistant>")
+    assert fit_prompt([{"role": "system", "content": "s" * 50}, turns[-1]], render, encode,
+                      30) is None
+
+
+def test_a_long_conversation_keeps_as_many_recent_exchanges_as_fit():
+    turns = []
+    for i in range(9):
+        turns += [{"role": "user", "content": f"q{i}" * (i + 1)},
+                  {"role": "assistant", "content": f"a{i}" * (9 - i)}]
+    turns.append({"role": "user", "content": "last"})
+    for limit in range(len(render(turns[-1:], True)), len(render(turns, True)) + 1):
+        kept = next(turns[start:] for start in range(0, len(turns), 2)
+                    if len(render(turns[start:], True)) <= limit)  # the longest tail that fits
+        assert decode(fit_prompt(turns, render, encode, limit)) == render(kept, True)
+
+
 def test_mask_covers_exactly_the_assistant_turns():
-    def render(messages, add_generation_prompt):
-        text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
-        return text + ("<assistant>" if add_generation_prompt else "")
-
-    def encode(text):
-        return [ord(c) for c in text]
-
     messages = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "xyz"},
                 {"role": "user", "content": "c"}, {"role": "assistant", "content": "uv"}]
     tokens, mask = chat_tokens_with_mask(messages, render, encode, 1000)

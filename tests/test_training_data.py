@@ -104,7 +104,7 @@ def collected(tmp_path_factory):
     run_script("scripts/collect_features.py", "--out", str(root / "distil"), "--source",
                "self-distill", "--max-new-tokens", "12", *common)
     run_script("scripts/collect_features.py", "--out", str(root / "prompts"), "--prompts-only",
-               *common)
+               "--turns", "all", *common)
     return root
 
 
@@ -143,6 +143,18 @@ def test_self_distilled_shards_hold_the_targets_greedy_answers(collected, q4_tar
         assert len(answer) <= 12
         assert answer == greedy_llama(q4_target, prompt, len(answer))
     assert shard.features.shape[0] == shard.sequences.tokens.shape[0]
+
+
+def test_prompts_of_every_user_turn_carry_the_conversation_before_them(collected, q4_target):
+    records = write_sharegpt(collected / "again.json")
+    prompts = ["".join(q4_target.tokenizer.token_text(int(t)) for t in tokens)
+               for split in ("train", "heldout")
+               for tokens, _ in SequenceSet.load(collected / "prompts" / f"{split}.npz")]
+    assert len(prompts) == 2 * len(records)  # two user turns each
+    assert all(p.endswith("<|im_start|>assistant\n") for p in prompts)
+    later = [p for p in prompts if "Thanks, and once more?" in p]
+    assert len(later) == len(records)
+    assert all("Answer number" in p and p.index("Answer number") < p.index("Thanks") for p in later)
 
 
 def test_collection_resumes_by_skipping_written_shards(collected):
