@@ -4,6 +4,11 @@ no features — and strong on code, which repeats identifiers and whole lines.
 
 The longest suffix (max_ngram tokens down to min_ngram) with an earlier occurrence wins;
 among its occurrences the most recent one. The proposal is a chain.
+
+Up to 5-grams by default: on HumanEval answers (SmolLM2-135M, 40 problems) a 5-token match
+continues correctly at its first token 92% of the time, a 1-token match 10–40%, and looking
+for matches up to 5 tokens instead of 3 gave 2–3% more tokens per second in a replay of the
+budget's choices.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ class NgramState:
 
 
 class NgramProposer:
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_tokens: int = 8) -> None:
+    def __init__(self, max_ngram: int = 5, min_ngram: int = 1, max_tokens: int = 8) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError("need 1 ≤ min_ngram ≤ max_ngram")
         self.max_ngram, self.min_ngram, self.max_tokens = max_ngram, min_ngram, max_tokens

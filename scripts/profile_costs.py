@@ -57,7 +57,7 @@ def verify_profile(model: Path, sizes: list[int], threads: int, context: int,
                                  max_tree_nodes=max(sizes), max_tree_branches=1,
                                  num_threads=threads, features=False))
     try:
-        return measure_verify_costs(target, sizes, context, repeats,
+        return measure_verify_costs(target, sizes, context, repeats, max_seconds=None,
                                     progress=f"T_V(k) {model.name}")
     finally:
         target.close()

@@ -124,8 +124,9 @@ def test_prompt_lookup_output_equals_plain_decoding(chain_target):
     assert fixed.output_tokens == plain.output_tokens
     costs = measure_verify_costs(chain_target, sizes=(1, 2, 4, 8), context=64, repeats=2)
     assert set(costs.seconds) == {1, 2, 4, 8} and chain_target.num_free_slots == 1
-    budget = LookupBudget(costs, max_ngram=3, max_drafted=7)
-    adaptive = generate(Engine(chain_target, NgramProposer(max_tokens=7), budget=budget), REPEAT)
+    proposer = NgramProposer(max_tokens=7)
+    budget = LookupBudget(costs, max_ngram=proposer.max_ngram, max_drafted=7)
+    adaptive = generate(Engine(chain_target, proposer, budget=budget), REPEAT)
     assert adaptive.output_tokens == plain.output_tokens
     assert any(rate != 0.5 for e in budget.estimates.by_match.values()
                for rate in e.rates)  # learnt

@@ -15,7 +15,8 @@ from tqdm import tqdm
 from verifier.machine import describe_cpu
 from verifier.target import Target
 
-DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
+DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
+CACHE_VERSION = 2  # bump when the measurement changes: older entries are measured again
 
 
 @dataclass(frozen=True)
@@ -40,30 +41,52 @@ class VerifyCosts:
 
 
 def measure_verify_costs(target: Target, sizes=DEFAULT_SIZES, context: int = 200,
-                         repeats: int = 5, progress: str | None = None) -> VerifyCosts:
+                         repeats: int = 15, max_seconds: float | None = 10.0,
+                         progress: str | None = None) -> VerifyCosts:
     """Median time of a k-token chain verified after `context` cached tokens, for each k.
-    Needs one free slot; leaves the target as it was. `progress`: a progress bar's label."""
-    sizes = [k for k in sizes if k <= target.config.max_tree_nodes]
+
+    The sizes are timed in rounds, each size once per round in a shuffled order (after a
+    warm-up round), so a burst of other work on the machine lands on every size alike
+    instead of inflating one — on 2 cores one such burst made 2 tokens look like 2.0× one
+    token instead of 1.7×, and the budget then almost never drafted. At most `repeats`
+    rounds; after 3, stop once `max_seconds` have passed (a 7B target on few cores).
+    Needs one free slot; leaves the target as it was. `progress`: a progress bar's label.
+    """
+    sizes = sorted(k for k in sizes if k <= target.config.max_tree_nodes)
     slot = target.acquire_slot()
     try:
         rng = np.random.default_rng(0)
         prompt = rng.integers(100, target.vocab_size - 100, size=context).tolist()
         target.prefill(slot, prompt)
-        seconds = {}
-        for k in sizes if progress is None else tqdm(sizes, desc=progress, unit="size",
-                                                       dynamic_ncols=True):
-            tokens = rng.integers(100, target.vocab_size - 100, size=k).tolist()
-            parents = list(range(-1, k - 1))
-            times = []
-            for _ in range(repeats + 1):  # the first is a warm-up
-                started = time.perf_counter()
-                target.verify_tree(slot, tokens, parents)
-                times.append(time.perf_counter() - started)
+        times: dict[int, list[float]] = {k: [] for k in sizes}
+        started = time.perf_counter()
+        rounds = range(repeats + 1)  # the first is a warm-up
+        for round_index in rounds if progress is None else tqdm(rounds, desc=progress,
+                                                                unit="round", dynamic_ncols=True):
+            for k in rng.permutation(sizes).tolist():
+                tokens = rng.integers(100, target.vocab_size - 100, size=k).tolist()
+                begun = time.perf_counter()
+                target.verify_tree(slot, tokens, list(range(-1, k - 1)))
+                elapsed = time.perf_counter() - begun
                 target.commit(slot, [])  # keep nothing: back to the prompt
-            seconds[k] = float(np.median(times[1:]))
-        return VerifyCosts(seconds)
+                if round_index:
+                    times[k].append(elapsed)
+            if (max_seconds is not None and round_index >= 3
+                    and time.perf_counter() - started > max_seconds):
+                break
+        return VerifyCosts(non_decreasing({k: float(np.median(v)) for k, v in times.items()}))
     finally:
         target.release_slot(slot)
+
+
+def non_decreasing(seconds: dict[int, float]) -> dict[int, float]:
+    """Verifying more tokens never costs less: where a size measured slower than a larger
+    one, noise added the difference (it only ever adds time), so take the larger size's."""
+    result, lowest = {}, float("inf")
+    for k in sorted(seconds, reverse=True):
+        lowest = min(lowest, seconds[k])
+        result[k] = lowest
+    return dict(sorted(result.items()))
 
 
 def cached_verify_costs(target: Target, cache_file: Path | None = None) -> VerifyCosts:
@@ -73,15 +96,15 @@ def cached_verify_costs(target: Target, cache_file: Path | None = None) -> Verif
         / "dovetail" / "verify_costs.json"
     model = Path(target.config.model_path)
     stat = model.stat()
-    key = f"{model.name}|{stat.st_size}|{int(stat.st_mtime)}|{target.config.num_threads}|" \
-          f"{target.config.max_tree_nodes}|{describe_cpu()}"
+    key = f"v{CACHE_VERSION}|{model.name}|{stat.st_size}|{int(stat.st_mtime)}|" \
+          f"{target.config.num_threads}|{target.config.max_tree_nodes}|{describe_cpu()}"
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
     if key in cache:
         return VerifyCosts.from_json(cache[key])
-    costs = measure_verify_costs(target)
+    costs = measure_verify_costs(target, progress="measuring verification costs (once)")
     cache[key] = costs.as_json()
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,107 @@
+"""T_V(k) measurement: interleaved rounds keep a burst of other load from inflating one size,
+noise never makes more tokens look cheaper than fewer, and the cache is measured once."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from verifier import costs as costs_module
+from verifier.costs import VerifyCosts, cached_verify_costs, measure_verify_costs, non_decreasing
+from verifier.machine import describe_cpu
+
+TRUE_MS = {1: 15.0, 2: 25.0, 3: 34.0, 4: 35.0, 6: 45.0, 8: 58.0}
+
+
+class TimedTarget:
+    """A target whose k-token decode takes TRUE_MS[k] on a fake clock, plus `burst_ms` for
+    the calls numbered in `burst` (another program busy on the same cores)."""
+
+    def __init__(self, clock, burst=range(0), burst_ms=0.0):
+        self.clock, self.burst, self.burst_ms = clock, burst, burst_ms
+        self.config = SimpleNamespace(max_tree_nodes=8)
+        self.vocab_size = 1000
+        self.calls, self.free, self.pending = 0, True, False
+
+    def acquire_slot(self):
+        assert self.free
+        self.free = False
+        return 0
+
+    def release_slot(self, slot):
+        self.free = True
+
+    def prefill(self, slot, tokens):
+        pass
+
+    def verify_tree(self, slot, tokens, parents):
+        assert parents == list(range(-1, len(tokens) - 1)) and not self.pending
+        extra = self.burst_ms if self.calls in self.burst else 0.0
+        self.clock.now += (TRUE_MS[len(tokens)] + extra) / 1000
+        self.calls += 1
+        self.pending = True
+
+    def commit(self, slot, path):
+        assert path == []
+        self.pending = False
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(costs_module.time, "perf_counter", lambda: clock.now)
+    return clock
+
+
+def test_a_burst_of_load_lands_on_every_size_alike(clock):
+    # 10 slow calls in a row: measured one size after another, they would be 10 of one
+    # size's 15 repeats and move its median; in rounds each size gets at most 2 of them
+    target = TimedTarget(clock, burst=range(20, 30), burst_ms=100.0)
+    measured = measure_verify_costs(target, sizes=TRUE_MS, repeats=15, max_seconds=None)
+    assert {k: round(v * 1000, 6) for k, v in measured.seconds.items()} == TRUE_MS
+    assert target.calls == 16 * len(TRUE_MS) and target.free and not target.pending
+
+
+def test_measurement_stops_after_its_time_budget_but_not_before_three_rounds(clock):
+    target = TimedTarget(clock)
+    measure_verify_costs(target, sizes=TRUE_MS, repeats=15, max_seconds=0.0)
+    assert target.calls == 4 * len(TRUE_MS)  # the warm-up and three rounds
+    target = TimedTarget(clock)
+    measure_verify_costs(target, sizes=TRUE_MS, repeats=15, max_seconds=1.0)
+    assert target.calls == 5 * len(TRUE_MS)  # 212 ms a round: past 1 s after the 4th
+    target = TimedTarget(clock)
+    measured = measure_verify_costs(target, sizes=(1, 2, 16), repeats=2, max_seconds=None)
+    assert set(measured.seconds) == {1, 2}  # sizes over the target's tree limit are skipped
+
+
+def test_more_tokens_never_cost_less():
+    assert non_decreasing({1: 1.0, 2: 3.0, 3: 2.5, 4: 2.4, 6: 4.0}) == \
+        {1: 1.0, 2: 2.4, 3: 2.4, 4: 2.4, 6: 4.0}
+    steady = {1: 1.0, 2: 1.7, 4: 2.5}
+    assert non_decreasing(steady) == steady
+
+
+def test_costs_are_measured_once_and_entries_of_an_older_measurement_are_ignored(
+        tmp_path, monkeypatch):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"gguf")
+    target = SimpleNamespace(config=SimpleNamespace(model_path=model, num_threads=2,
+                                                    max_tree_nodes=8))
+    calls = []
+
+    def measure(target, progress=None):
+        calls.append(progress)
+        return VerifyCosts({1: 0.015, 2: 0.026})
+
+    monkeypatch.setattr(costs_module, "measure_verify_costs", measure)
+    stat = model.stat()
+    old_key = f"model.gguf|{stat.st_size}|{int(stat.st_mtime)}|2|8|{describe_cpu()}"
+    cache = tmp_path / "verify_costs.json"
+    cache.write_text(json.dumps({old_key: {"1": 0.015, "2": 0.030}}))
+    assert cached_verify_costs(target, cache) == VerifyCosts({1: 0.015, 2: 0.026})
+    assert cached_verify_costs(target, cache) == VerifyCosts({1: 0.015, 2: 0.026})
+    assert len(calls) == 1 and calls[0]  # measured once, with a progress bar
+    entries = json.loads(cache.read_text())
+    assert old_key in entries and len(entries) == 2
