@@ -10,7 +10,7 @@ from draft_model.device import default_dtype, resolve_device
 from draft_model.hybrid import HybridProposer
 from draft_model.ngram import NgramProposer
 from draft_model.proposer import Proposer, TreeShape
-from draft_model.shipped import SHIPPED_DRAFT
+from draft_model.shipped import SHIPPED_DRAFT, fits_shipped_draft
 from draft_model.target_weights import read_target_weights
 from server.budget import LookupBudget, TreeBudget
 from server.engine import Engine
@@ -26,20 +26,20 @@ NGRAM = "ngram"
 def draft_source(settings: Settings) -> Path | str | None:
     """A draft checkpoint folder, NGRAM (prompt lookup), or None (plain decoding).
 
-    'auto' uses the shipped draft where it is known to pay: with the default target and the
-    draft on a GPU. On a CPU-only machine the shipped draft's full-vocabulary head costs
-    more per step than the target saves (see docs/draft-model-card.md); there 'auto' uses
-    prompt lookup under the adaptive budget, which verifies drafted tokens only while the
-    measured costs and acceptance say they pay.
+    'auto' uses the shipped draft where it is known to pay: with the draft on a GPU and the
+    model it was trained for (the default target, or any GGUF of the same model and
+    tokenizer: a copy of it, its F16 copy). On a CPU-only machine the shipped draft's
+    full-vocabulary head costs more per step than the target saves (see
+    docs/draft-model-card.md); there 'auto' uses prompt lookup under the adaptive budget,
+    which verifies drafted tokens only while the measured costs and acceptance say they pay.
     """
     if settings.draft in ("none", NGRAM):
         return None if settings.draft == "none" else NGRAM
     if settings.draft == "shipped":
         return SHIPPED_DRAFT
     if settings.draft == "auto":
-        uses_default_model = settings.model is None
         on_gpu = resolve_device(settings.draft_device).type == "cuda"
-        return SHIPPED_DRAFT if uses_default_model and on_gpu else NGRAM
+        return SHIPPED_DRAFT if on_gpu and fits_shipped_draft(settings.model_path) else NGRAM
     return Path(settings.draft)
 
 

@@ -31,8 +31,8 @@ class Settings(BaseSettings):
     draft: str = Field(
         "auto", description="Draft checkpoint folder; 'shipped' (the draft trained for the "
         "default model); 'ngram' (prompt lookup in the request's own context); 'auto' (the "
-        "shipped one when the target is the default model and a GPU is present, else "
-        "'ngram'); "
+        "shipped one when a GPU is present and the target is the model it was trained for "
+        "— the default model under any path, or its F16 copy — else 'ngram'); "
         "or 'none' for plain decoding.")
     adaptive_budget: bool = Field(
         True, description="Per step, verify only what the measured costs and running "

@@ -68,3 +68,30 @@ def test_which_draft_is_served(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "config.json").write_text("{}")
     assert draft_source(parse(["--draft", str(tmp_path / "mine")])) == tmp_path / "mine"
+
+
+def test_auto_serves_the_shipped_draft_for_its_model_under_any_path_on_a_gpu(
+        monkeypatch, tmp_path, default_model, f16_model):
+    """With a GPU, 'auto' recognises the shipped draft's model by what the draft depends on
+    (architecture, sizes, tokenizer) — the packaged file named with --model, a copy, the F16
+    copy — and serves anything else with prompt lookup."""
+    import torch
+
+    import server.builder as builder
+    from draft_model.shipped import SHIPPED_DRAFT, fits_shipped_draft
+    from verifier.gguf_convert import write_random_llama
+
+    other = write_random_llama(tmp_path / "other.gguf", vocab=512, hidden=128, layers=2,
+                               heads=4, kv_heads=2, ffn=256)
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("not a model")
+    assert fits_shipped_draft(default_model) and fits_shipped_draft(f16_model)
+    assert not fits_shipped_draft(other) and not fits_shipped_draft(not_gguf)
+
+    monkeypatch.setattr(builder, "resolve_device", lambda name: torch.device("cuda"))
+    for model in (default_model, f16_model):
+        assert builder.draft_source(parse(["--model", str(model)])) == SHIPPED_DRAFT
+    for model in (other, not_gguf):
+        assert builder.draft_source(parse(["--model", str(model)])) == builder.NGRAM
+    assert builder.draft_source(parse(["--model", str(default_model), "--draft", "none"])) \
+        is None
