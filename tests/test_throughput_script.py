@@ -63,3 +63,20 @@ def test_code_extraction_and_the_execution_check():
     assert script.passes(problem, good)
     assert not script.passes(problem, "```python\ndef add(a, b):\n    return a - b\n```")
     assert not script.passes(problem, "```python\nwhile True:\n    pass\n```", timeout=1)
+
+
+def test_f16_flag_runs_the_systems_on_an_unquantized_copy(tmp_path):
+    out = tmp_path / "he16"
+    argv = sys.argv
+    sys.argv = [str(SCRIPT), "--f16", "--count", "1", "--max-tokens", "8", "--threads", "2",
+                "--systems", "dovetail-plain", "llama-cpp", "--out", str(out)]
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    finally:
+        sys.argv = argv
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["model"].endswith("-f16.gguf")
+    assert [s["system"] for s in data["summary"]] == ["dovetail-plain", "llama-cpp"]
+    # the F16 copy decodes greedily to the same text in the server and in llama-cpp-python
+    assert data["summary"][0]["same_text_as_llama_cpp"] == 1
+    assert data["rows"]["llama-cpp"][0]["tokens"] > 0
