@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -125,3 +126,18 @@ def fit_prompt(messages: list[dict[str, str]], render: Callable[[list[dict], boo
         messages[-1] = {**messages[-1], "content": shortened}
         tokens = encode(render(messages, True))
     return None
+
+
+CODE_MARKERS = re.compile(
+    r"```|\b(?:python|javascript|typescript|java|c\+\+|c#|golang|rust|kotlin|swift|php|ruby|"
+    r"sql|bash|html|css|react|node\.?js|django|flask|pandas|numpy|regex|json|api|"
+    r"function|method|code|program|compile|debug|algorithm)\b|"
+    r"\bdef \w+\(|\bimport \w+|#include|\w+\(\)|=>|\{\s*$",
+    re.IGNORECASE | re.MULTILINE)
+
+
+def asks_for_code(messages: list[dict[str, str]]) -> bool:
+    """Whether the first user turn is about programming (a code block, a language, a
+    function...): the answers to such prompts are mostly code, like HumanEval's."""
+    first = next((m["content"] for m in messages if m["role"] == "user"), "")
+    return CODE_MARKERS.search(first) is not None

@@ -29,6 +29,7 @@ from draft_model.features import FeatureShard, pending_shards, shard_path
 from draft_model.humaneval import humaneval_messages, humaneval_problems
 from draft_model.sequences import SequenceSet, chat_tokens_with_mask
 from draft_model.sharegpt import (
+    asks_for_code,
     default_sharegpt_path,
     fit_prompt,
     iter_conversations,
@@ -55,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="with --prompts-only: also write this many whole ShareGPT "
                              "conversations as sharegpt.npz")
     parser.add_argument("--limit", type=int, default=0, help="conversations per split (0: all)")
+    parser.add_argument("--topic", choices=("any", "code"), default="any",
+                        help="code: only conversations whose first prompt is about "
+                             "programming (sharegpt.asks_for_code)")
     parser.add_argument("--heldout-limit", type=int, default=200)
     parser.add_argument("--heldout-percent", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=2048)
@@ -111,6 +115,8 @@ def conversations(args, split: str) -> list[list[dict]]:
     limit = args.heldout_limit if split == "heldout" else args.limit
     found = []
     for _, messages in iter_conversations(path, split, args.heldout_percent):
+        if args.topic == "code" and not asks_for_code(messages):
+            continue
         found.append(messages)
         if limit and len(found) >= limit:
             break

@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cpu-bf16", action="store_true",
                         help="bf16 autocast on the CPU (only where it has native bf16)")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="DRAFT",
+                        help="fine-tune this checkpoint (its shape; --layers, --fusion and "
+                             "--draft-vocab are then ignored)")
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--fusion", choices=("dgf", "concat"), default="dgf")
     parser.add_argument("--draft-vocab", type=int, default=0,
@@ -226,14 +229,20 @@ def main(argv=None) -> None:
     print(f"training data: {len(sequences)} sequences, {sequences.num_trained_tokens} "
           f"trained tokens")
 
-    head_ids = None
-    if args.draft_vocab:
-        counts = sequences.token_counts(weights.info.vocab_size)
-        head_ids = most_frequent_tokens(counts, args.draft_vocab)
-    config = DraftConfig.for_target(weights.info, num_layers=args.layers, fusion=args.fusion,
-                                    draft_vocab_size=args.draft_vocab)
-    model = DraftModel(config, torch.from_numpy(weights.embedding),
-                       torch.from_numpy(weights.lm_head), head_token_ids=head_ids).to(device)
+    if args.init_from is not None:
+        model = load_checkpoint(args.init_from, weights, device, torch.float32)
+        model.requires_grad_(True)  # the frozen embedding and head are buffers
+        config = model.config
+        print(f"fine-tuning {args.init_from}")
+    else:
+        head_ids = None
+        if args.draft_vocab:
+            counts = sequences.token_counts(weights.info.vocab_size)
+            head_ids = most_frequent_tokens(counts, args.draft_vocab)
+        config = DraftConfig.for_target(weights.info, num_layers=args.layers,
+                                        fusion=args.fusion, draft_vocab_size=args.draft_vocab)
+        model = DraftModel(config, torch.from_numpy(weights.embedding),
+                           torch.from_numpy(weights.lm_head), head_token_ids=head_ids).to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"draft: {config.num_layers} layers, {config.fusion}, {trainable / 1e6:.1f} M "
           f"trainable parameters, head {config.draft_vocab_size or config.vocab_size} tokens")

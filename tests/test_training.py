@@ -13,6 +13,7 @@ from draft_model.evaluate import AcceptanceStats, accepted_length, replay
 from draft_model.model import DraftModel
 from draft_model.sequences import SequenceSet, chat_tokens_with_mask, padded_batches
 from draft_model.sharegpt import (
+    asks_for_code,
     default_sharegpt_path,
     fit_prompt,
     is_held_out,
@@ -89,6 +90,23 @@ def test_prompts_are_the_first_user_turn_or_every_user_turn_with_its_history():
     assert prompts_of(system, "all") == [system[:2], system[:4]]
     with pytest.raises(ValueError):
         prompts_of(CONVERSATION, "last")
+
+
+def test_code_prompts_are_told_from_other_prompts_by_their_first_user_turn():
+    def user(text):
+        return [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]
+
+    for text in ("Write a Python function that reverses a string.",
+                 "why does this fail?\n```\nx = [1, 2\n```", "fix: def add(a, b) return a",
+                 "how to check if var is string in javascript", "What does foo() return?"):
+        assert asks_for_code(user(text)), text
+    for text in ("Write a haiku about the sea.", "a comedy script about a cat",
+                 "There are 30 buses in the first class.", "List three colours."):
+        assert not asks_for_code(user(text)), text
+    # the first user turn decides, not a later one
+    assert not asks_for_code([*user("Hello!"), *user("Now in Python, please.")])
+    assert asks_for_code([{"role": "system", "content": "Be brief."},
+                          *user("Sort a list in Rust.")])
 
 
 def test_a_long_prompt_still_ends_asking_for_the_answer():

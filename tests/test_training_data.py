@@ -157,6 +157,18 @@ def test_prompts_of_every_user_turn_carry_the_conversation_before_them(collected
     assert all("Answer number" in p and p.index("Answer number") < p.index("Thanks") for p in later)
 
 
+def test_topic_code_keeps_only_the_conversations_that_ask_for_code(collected, tmp_path):
+    def prompt_count(*flags):
+        out = tmp_path / "_".join(flags or ("any",))
+        run_script("scripts/collect_features.py", "--out", str(out), "--prompts-only",
+                   "--sharegpt", str(collected / "sharegpt.json"), "--heldout-percent", "0",
+                   "--threads", str(NUM_THREADS), *flags)
+        return len(SequenceSet.load(out / "train.npz"))
+
+    # three complete conversations; only the first asks for code (PROMPTS[0])
+    assert (prompt_count(), prompt_count("--topic", "code")) == (3, 1)
+
+
 def test_collection_resumes_by_skipping_written_shards(collected):
     directory = collected / "sharegpt"
     paths = shard_paths(directory, "train")
@@ -242,7 +254,7 @@ def test_the_shipped_draft_fits_the_default_model_and_is_accepted(default_model)
     assert sequence.num_accepted > 0 and tau > 1.5
 
 
-def test_tokens_only_sets_train_with_features_from_the_port(collected, tmp_path):
+def test_tokens_only_sets_train_with_features_from_the_port(collected, tmp_path, default_model):
     prompts = SequenceSet.load(collected / "prompts" / "train.npz")
     assert len(prompts) >= 1 and not prompts.mask.any()
     run_script("scripts/collect_features.py", "--out", str(tmp_path / "tokens"),
@@ -255,6 +267,19 @@ def test_tokens_only_sets_train_with_features_from_the_port(collected, tmp_path)
                str(tmp_path / "tokens" / "train.npz"), "--layers", "1", "--max-steps", "2",
                "--device", "cpu", "--batch-tokens", "256", "--fusion", "concat")
     assert read_checkpoint_config(tmp_path / "run" / "draft")[0].fusion == "concat"
+    # fine-tuning that checkpoint keeps its shape whatever --layers says, and trains it
+    run_script("scripts/train_draft.py", "--out", str(tmp_path / "tuned"), "--tokens",
+               str(tmp_path / "tokens" / "train.npz"), "--init-from",
+               str(tmp_path / "run" / "draft"), "--layers", "3", "--max-steps", "1",
+               "--device", "cpu", "--batch-tokens", "256", "--lr", "1e-2", "--warmup", "1")
+    config, _, training = read_checkpoint_config(tmp_path / "tuned" / "draft")
+    assert (config.fusion, config.num_layers, training["steps"]) == ("concat", 1, 1)
+    assert training["arguments"]["init_from"] == str(tmp_path / "run" / "draft")
+    weights = read_target_weights(default_model)
+    start, tuned = (load_checkpoint(tmp_path / name / "draft", weights).state_dict()
+                    for name in ("run", "tuned"))
+    changed = [name for name in start if not torch.equal(start[name], tuned[name])]
+    assert changed and "head_token_ids" not in changed
     # the same prompts answered by llama.cpp itself, into feature shards
     run_script("scripts/collect_features.py", "--out", str(tmp_path / "shards"),
                "--from-prompts", str(collected / "prompts"), "--max-new-tokens", "4",
