@@ -21,12 +21,14 @@ from draft_model.hybrid import HybridProposer
 from draft_model.lookup_estimates import AcceptanceEstimate, LookupEstimates
 from draft_model.ngram import NgramProposer
 from draft_model.tree import DraftTree
-from verifier.costs import VerifyCosts
+from verifier.costs import LiveCosts, VerifyCosts
+
+Costs = VerifyCosts | LiveCosts
 
 MIN_GAIN = 1.1  # speculate only for an expected gain of 10% or more over plain decoding
 
 
-def best_length(costs: VerifyCosts, acceptance: AcceptanceEstimate, max_drafted: int,
+def best_length(costs: Costs, acceptance: AcceptanceEstimate, max_drafted: int,
                 draft_seconds: Callable[[int], float] = lambda k: 0.0,
                 min_gain: float = MIN_GAIN) -> int:
     """The k in 0..max_drafted that maximises expected tokens per second — but k = 0 unless
@@ -41,7 +43,7 @@ def best_length(costs: VerifyCosts, acceptance: AcceptanceEstimate, max_drafted:
     return best if best_rate >= min_gain * plain_rate else 0
 
 
-def lookup_length(costs: VerifyCosts, estimates: LookupEstimates, match_length: int,
+def lookup_length(costs: Costs, estimates: LookupEstimates, match_length: int,
                   available: int, min_gain: float = MIN_GAIN) -> int:
     """How many of a lookup's `available` tokens pay to verify (0 without a match)."""
     if match_length == 0 or available == 0:
@@ -52,7 +54,7 @@ def lookup_length(costs: VerifyCosts, estimates: LookupEstimates, match_length: 
 class LookupBudget:
     """Budget for prompt lookup, one estimate per matched n-gram length."""
 
-    def __init__(self, costs: VerifyCosts, max_ngram: int, max_drafted: int) -> None:
+    def __init__(self, costs: Costs, max_ngram: int, max_drafted: int) -> None:
         self.costs = costs
         self.max_drafted = max_drafted
         self.estimates = LookupEstimates(max_ngram, max_drafted)
@@ -86,7 +88,7 @@ class TreeBudget:
     probe_share of the time — so the budget notices when they start to pay again.
     """
 
-    def __init__(self, costs: VerifyCosts, probe_share: float = 0.05, weight: float = 0.1,
+    def __init__(self, costs: Costs, probe_share: float = 0.05, weight: float = 0.1,
                  min_gain: float = MIN_GAIN,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.costs = costs

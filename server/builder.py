@@ -15,7 +15,7 @@ from draft_model.target_weights import read_target_weights
 from server.budget import LookupBudget, TreeBudget
 from server.engine import Engine
 from server.settings import Settings
-from verifier.costs import cached_verify_costs
+from verifier.costs import LiveCosts, cached_verify_costs
 from verifier.target import Target, TargetConfig
 
 log = logging.getLogger("dovetail.server")
@@ -69,8 +69,8 @@ def build_engine(settings: Settings) -> Engine:
         costs = cached_verify_costs(target)
         log.info("prompt lookup, adaptive budget; verification costs (ms): %s",
                  {k: round(v * 1000, 1) for k, v in costs.seconds.items()})
-        return Engine(target, proposer,
-                      budget=LookupBudget(costs, proposer.max_ngram, tree_tokens - 1))
+        return Engine(target, proposer, budget=LookupBudget(LiveCosts(costs), proposer.max_ngram,
+                                                            tree_tokens - 1))
     device = resolve_device(settings.draft_device)
     model = load_checkpoint(source, read_target_weights(settings.model_path), device,
                             default_dtype(device))
@@ -86,4 +86,4 @@ def build_engine(settings: Settings) -> Engine:
     costs = cached_verify_costs(target)
     log.info("draft tree + prompt lookup, adaptive budget; verification costs (ms): %s",
              {k: round(v * 1000, 1) for k, v in costs.seconds.items()})
-    return Engine(target, hybrid, budget=TreeBudget(costs))
+    return Engine(target, hybrid, budget=TreeBudget(LiveCosts(costs)))

@@ -29,6 +29,7 @@ from server.budget import LookupBudget, TreeBudget
 from server.metrics import Metrics
 from server.sequence import Sequence, SequenceEvent
 from verifier.acceptance import Acceptance, accept_greedy, accept_sampled
+from verifier.costs import LiveCosts
 from verifier.sampling import adjust_logits, choose_token, target_probs
 from verifier.target import ChunkOutput, PromptChunk, Target, TreeOutput, TreeRequest
 
@@ -224,8 +225,12 @@ class Engine:
             for sequence, _ in (*trees, *chunks):
                 sequence.fail(f"generation failed: {error}")
             return
+        seconds = time.perf_counter() - started
         if self.metrics is not None and trees:
-            self.metrics.observe_verify(time.perf_counter() - started)
+            self.metrics.observe_verify(seconds)
+        if trees and not chunks and self.budget is not None \
+                and isinstance(self.budget.costs, LiveCosts):
+            self.budget.costs.observe(sum(len(tree.tokens) for _, tree in trees), seconds)
         for (sequence, tree), output in zip(trees, tree_outputs, strict=True):
             self._guarded(self._advance, sequence, tree, output)
         for (sequence, tokens), output in zip(chunks, chunk_outputs, strict=True):

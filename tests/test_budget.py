@@ -12,7 +12,7 @@ from server.budget import LookupBudget, TreeBudget, best_length
 from server.engine import Engine
 from server.sequence import Sequence
 from tests.conftest import make_target
-from verifier.costs import VerifyCosts, measure_verify_costs
+from verifier.costs import LiveCosts, VerifyCosts, measure_verify_costs
 from verifier.sampling import SamplingParams
 
 
@@ -130,6 +130,20 @@ def test_prompt_lookup_output_equals_plain_decoding(chain_target):
     assert adaptive.output_tokens == plain.output_tokens
     assert any(rate != 0.5 for e in budget.estimates.by_match.values()
                for rate in e.rates)  # learnt
+
+
+def test_the_engine_times_its_decodes_into_live_costs(chain_target):
+    plain = generate(Engine(chain_target), REPEAT)
+    # a profile far from this machine (a second per token, verifying 8 hardly dearer): the
+    # decodes the engine times replace it, and the budget stops trusting it
+    costs = LiveCosts(VerifyCosts({1: 1.0, 8: 1.05}), window=1000, min_count=4, refresh=4)
+    proposer = NgramProposer(max_tokens=7)
+    budget = LookupBudget(costs, max_ngram=proposer.max_ngram, max_drafted=7)
+    adaptive = generate(Engine(chain_target, proposer, budget=budget), REPEAT)
+    assert adaptive.output_tokens == plain.output_tokens
+    # every decode step is timed, the prompt's step is not (its tokens are no tree)
+    assert costs.num_observed == adaptive.num_verify_steps - 1
+    assert costs.of(1) < 0.5 and costs.current != costs.profile
 
 
 class FakeHybrid:

@@ -1,15 +1,26 @@
 """T_V(k) measurement: interleaved rounds keep a burst of other load from inflating one size,
-noise never makes more tokens look cheaper than fewer, and the cache is measured once."""
+noise never makes more tokens look cheaper than fewer, and the cache is measured once; the
+served decodes correct the profile (LiveCosts)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from verifier import costs as costs_module
-from verifier.costs import VerifyCosts, cached_verify_costs, measure_verify_costs, non_decreasing
+from verifier.costs import (
+    LiveCosts,
+    VerifyCosts,
+    cached_verify_costs,
+    measure_verify_costs,
+    non_decreasing,
+)
 from verifier.machine import describe_cpu
 
 TRUE_MS = {1: 15.0, 2: 25.0, 3: 34.0, 4: 35.0, 6: 45.0, 8: 58.0}
@@ -76,6 +87,56 @@ def test_measurement_stops_after_its_time_budget_but_not_before_three_rounds(clo
     assert set(measured.seconds) == {1, 2}  # sizes over the target's tree limit are skipped
 
 
+def test_the_measurement_runs_on_a_thread_of_its_own_that_ends_with_it(clock):
+    target, seen = TimedTarget(clock), set()
+    verify = target.verify_tree
+
+    def recording_verify(*args):
+        seen.add(threading.current_thread())
+        verify(*args)
+
+    target.verify_tree = recording_verify
+    measure_verify_costs(target, sizes=(1, 2), repeats=2, max_seconds=None)
+    assert len(seen) == 1 and threading.current_thread() not in seen
+    assert not seen.pop().is_alive()
+    target.verify_tree = lambda *args: 1 / 0  # a failure reaches the caller
+    with pytest.raises(ZeroDivisionError):
+        measure_verify_costs(target, sizes=(1,), repeats=1, max_seconds=None)
+
+
+def os_threads() -> set[int]:
+    return {int(entry.name) for entry in Path("/proc/self/task").iterdir()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_measuring_leaves_no_llama_cpp_worker_threads_on_the_callers_thread(q4_target):
+    """The server measures on a worker thread that lives on. Had the decodes run there,
+    llama.cpp's OpenMP pool for that thread would stay too, and libgomp, counting more
+    threads than cores, makes every later decode on the engine's thread sleep at its
+    barriers (2.7x slower on 2 cores)."""
+    before = os_threads()
+    measured, release = threading.Event(), threading.Event()
+    caller_id: list[int] = []
+
+    def caller():
+        caller_id.append(threading.get_native_id())
+        measure_verify_costs(q4_target, sizes=(1, 2), context=16, repeats=1, max_seconds=None)
+        measured.set()
+        release.wait()
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    try:
+        assert measured.wait(60)
+        deadline = time.monotonic() + 5  # the measuring thread's pool ends with it, soon
+        while (new := os_threads() - before - set(caller_id)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not new, f"threads left behind: {sorted(new)}"
+    finally:
+        release.set()
+        thread.join()
+
+
 def test_more_tokens_never_cost_less():
     assert non_decreasing({1: 1.0, 2: 3.0, 3: 2.5, 4: 2.4, 6: 4.0}) == \
         {1: 1.0, 2: 2.4, 3: 2.4, 4: 2.4, 6: 4.0}
@@ -105,3 +166,59 @@ def test_costs_are_measured_once_and_entries_of_an_older_measurement_are_ignored
     assert len(calls) == 1 and calls[0]  # measured once, with a progress bar
     entries = json.loads(cache.read_text())
     assert old_key in entries and len(entries) == 2
+
+
+PROFILE = VerifyCosts({1: 1.0, 2: 1.7, 4: 2.5, 8: 4.0})
+
+
+def observe(costs, tokens, seconds, times):
+    for _ in range(times):
+        costs.observe(tokens, seconds)
+
+
+def test_live_costs_keep_the_profile_until_a_size_has_enough_decodes():
+    costs = LiveCosts(PROFILE, min_count=8, refresh=1)
+    observe(costs, 8, 6.0, 7)
+    assert costs.current == PROFILE and costs.of(8) == 4.0
+    costs.observe(8, 6.0)
+    assert costs.of(8) == pytest.approx(6.0)
+
+
+def test_live_costs_learn_what_the_sizes_the_budget_picks_really_cost():
+    costs = LiveCosts(PROFILE, min_count=8, refresh=1)
+    observe(costs, 1, 1.0, 8)
+    observe(costs, 8, 5.0, 8)  # 8 tokens cost 1.25x the profile
+    assert costs.of(1) == pytest.approx(1.0) and costs.of(8) == pytest.approx(5.0)
+    # in between: the profile's shape, scaled by the ratio interpolated over k
+    assert costs.of(4) == pytest.approx(2.5 * (1 + 0.25 * 3 / 7))
+    assert costs.of(2) == pytest.approx(1.7 * (1 + 0.25 / 7))
+    sizes = sorted(costs.seconds)
+    assert all(costs.of(a) <= costs.of(b) for a, b in itertools.pairwise(sizes))
+
+
+def test_one_observed_size_scales_the_whole_curve():
+    costs = LiveCosts(PROFILE, min_count=4, refresh=4)
+    observe(costs, 1, 1.2, 4)  # only plain decoding so far: one token costs 1.2x
+    for k in (1, 2, 3, 4, 8, 16):
+        assert costs.of(k) == pytest.approx(1.2 * PROFILE.of(k))
+    assert costs.of(4) / costs.of(1) == pytest.approx(2.5)  # the ratios the budget uses stay
+
+
+def test_a_stray_slow_decode_moves_nothing_and_old_decodes_are_forgotten():
+    costs = LiveCosts(PROFILE, window=32, min_count=8, refresh=1)
+    observe(costs, 1, 1.0, 20)
+    costs.observe(1, 50.0)  # a pause: garbage collection, another program
+    observe(costs, 1, 1.0, 11)
+    assert costs.of(1) == pytest.approx(1.0)
+    observe(costs, 1, 2.0, 32)  # the machine got slower: the window holds only the new times
+    assert costs.of(1) == pytest.approx(2.0) and costs.num_observed == 32
+
+
+def test_live_costs_refresh_their_table_only_every_few_decodes():
+    costs = LiveCosts(PROFILE, min_count=1, refresh=16)
+    observe(costs, 1, 3.0, 15)
+    assert costs.of(1) == 1.0
+    costs.observe(1, 3.0)
+    assert costs.of(1) == pytest.approx(3.0)
+    costs.observe(2, 0.0)  # nothing measured: ignored
+    assert costs.num_observed == 16

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +44,64 @@ class VerifyCosts:
         return cls({int(k): float(v) for k, v in data.items()})
 
 
+class LiveCosts:
+    """T_V(k) as this process sees it: the start-up profile, corrected by the decodes the
+    engine actually times.
+
+    The profile is measured once (and cached) on a quiet target at one context length; what
+    the served decodes cost can differ — longer contexts, the server's own threads on the
+    same cores, a profile taken during a burst of other load. Per size verified, the last
+    `window` decode times are kept; a size with at least `min_count` of them costs their
+    median (robust to a stray slow decode). Between such sizes the profile's shape is kept,
+    scaled by the observed/profiled ratio interpolated between the nearest observed sizes
+    (beyond them, the nearest one's), then made non-decreasing. So a server that mostly
+    decodes plainly (size 1) scales the whole curve by what one token really costs, and
+    one that drafts 7 tokens learns what 8 really cost: a profile that was too optimistic
+    about the sizes the budget picks corrects itself within a few dozen steps.
+    """
+
+    def __init__(self, profile: VerifyCosts, window: int = 32, min_count: int = 8,
+                 refresh: int = 16) -> None:
+        self.profile = profile
+        self.window, self.min_count, self.refresh = window, min_count, refresh
+        self._observed: dict[int, deque[float]] = {}
+        self._since_refresh = 0
+        self.current = profile  # the corrected table, rebuilt every `refresh` observations
+
+    def of(self, tokens: int) -> float:
+        return self.current.of(tokens)
+
+    @property
+    def seconds(self) -> dict[int, float]:
+        return self.current.seconds
+
+    @property
+    def num_observed(self) -> int:
+        """Decode times held (at most `window` per size)."""
+        return sum(len(times) for times in self._observed.values())
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """One decode of `tokens` tokens (all drafted trees of a step, no prompt chunk)."""
+        if tokens < 1 or not seconds > 0:
+            return
+        self._observed.setdefault(tokens, deque(maxlen=self.window)).append(seconds)
+        self._since_refresh += 1
+        if self._since_refresh >= self.refresh:
+            self._since_refresh = 0
+            self.current = self.corrected()
+
+    def corrected(self) -> VerifyCosts:
+        ratios = {k: float(np.median(times)) / self.profile.of(k)
+                  for k, times in self._observed.items() if len(times) >= self.min_count}
+        if not ratios:
+            return self.profile
+        known = sorted(ratios)
+        sizes = sorted({*self.profile.seconds, *known})
+        scale = np.interp(sizes, known, [ratios[k] for k in known])  # flat beyond the ends
+        return VerifyCosts(non_decreasing({k: self.profile.of(k) * float(r)
+                                           for k, r in zip(sizes, scale, strict=True)}))
+
+
 def measure_verify_costs(target: Target, sizes=DEFAULT_SIZES, context: int = 200,
                          repeats: int = 15, max_seconds: float | None = 10.0,
                          progress: str | None = None) -> VerifyCosts:
@@ -53,7 +113,32 @@ def measure_verify_costs(target: Target, sizes=DEFAULT_SIZES, context: int = 200
     token instead of 1.7×, and the budget then almost never drafted. At most `repeats`
     rounds; after 3, stop once `max_seconds` have passed (a 7B target on few cores).
     Needs one free slot; leaves the target as it was. `progress`: a progress bar's label.
+
+    The decodes run on a thread of their own that ends with the measurement. llama.cpp's
+    OpenMP build keeps a pool of worker threads per thread that ever ran a decode; one left
+    idle on the caller's thread (the server builds its engine on a worker thread that lives
+    on) makes libgomp count more threads than cores, and then every later decode — on the
+    engine's thread — sleeps at each of its many barriers instead of spinning: on 2 cores a
+    freshly measured server decoded one token in 21 ms instead of 7.7, for its whole life.
     """
+    result: list[VerifyCosts | BaseException] = []
+
+    def measure() -> None:
+        try:
+            result.append(_measure(target, sizes, context, repeats, max_seconds, progress))
+        except BaseException as error:  # handed to the caller
+            result.append(error)
+
+    thread = threading.Thread(target=measure, name="dovetail-measure-costs")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def _measure(target: Target, sizes, context: int, repeats: int, max_seconds: float | None,
+             progress: str | None) -> VerifyCosts:
     sizes = sorted(k for k in sizes if k <= target.config.max_tree_nodes)
     slot = target.acquire_slot()
     try:

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The README's GPU-machine results in one run: the CUDA tests, HumanEval throughput for the
+# F16 copy and the Q4_1 default (there `dovetail serve`'s default, --draft auto, drafts with
+# the shipped draft on the GPU), and the cost profiles (the target's T_V(k), the draft's
+# time per tree level on the GPU).
+#
+#   bash scripts/gpu_results.sh [OUT]        # OUT: results-gpu/ unless given
+#
+# Environment: PYTHON (python3), COUNT (40 HumanEval problems), SYSTEMS (the throughput
+# script's systems; llama-cpp-lookup is left out by default: it only costs time), MODEL
+# (the default model's GGUF unless given). Each step's output goes to OUT/<step>.log; a
+# failing step is reported and the others still run. Needs the project importable (installed,
+# or on PYTHONPATH) and, for the tests, pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-results-gpu}
+PYTHON=${PYTHON:-python3}
+COUNT=${COUNT:-40}
+SYSTEMS=${SYSTEMS:-dovetail dovetail-plain llama-cpp}
+MODEL_ARGS=()
+if [[ -n "${MODEL:-}" ]]; then MODEL_ARGS=(--model "$MODEL"); fi
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+failed=()
+
+step() {  # step NAME COMMAND...: run, log, note a failure
+    local name=$1
+    shift
+    echo "== $name: $*"
+    local started=$SECONDS
+    if "$@" >"$OUT/$name.log" 2>&1; then
+        echo "   done in $((SECONDS - started)) s"
+    else
+        echo "   FAILED after $((SECONDS - started)) s (see $OUT/$name.log):"
+        tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'
+        failed+=("$name")
+    fi
+}
+
+{ if command -v nvidia-smi >/dev/null; then
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  fi
+  lscpu | grep -E 'Model name|^CPU\(s\)' || true
+  "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
+} >"$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+if "$PYTHON" -c 'import pytest' 2>/dev/null; then
+    # the tests that need CUDA (device growth as a CUDA graph, the draft on the GPU in the
+    # engine) and the speculative exactness tests, which run on every device there is
+    step tests-cuda "$PYTHON" -m pytest -q -x -k cuda tests/test_draft_model.py tests/test_speculative.py
+else
+    echo "== tests-cuda: skipped (no pytest)"
+fi
+# shellcheck disable=SC2086
+step throughput-f16 "$PYTHON" scripts/humaneval_throughput.py "${MODEL_ARGS[@]}" --f16 \
+    --count "$COUNT" --check --systems $SYSTEMS --out "$OUT/humaneval_throughput_f16"
+# shellcheck disable=SC2086
+step throughput-q4 "$PYTHON" scripts/humaneval_throughput.py "${MODEL_ARGS[@]}" \
+    --count "$COUNT" --check --systems $SYSTEMS --out "$OUT/humaneval_throughput"
+step profile "$PYTHON" scripts/profile_costs.py "${MODEL_ARGS[@]}" --draft shipped \
+    --max-k 32 --out "$OUT/cost_profile"
+
+for table in "$OUT"/*.md; do
+    [[ -e "$table" ]] && { echo "== $table"; cat "$table"; }
+done
+if ((${#failed[@]})); then
+    echo "failed steps: ${failed[*]}"
+    exit 1
+fi
