@@ -28,6 +28,7 @@ from server.responses import SSE_DONE, ResponseFormat, sse
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.sequence import Sequence, SequenceEvent
 from server.settings import Settings
+from verifier.machine import run_on_fresh_thread
 
 log = logging.getLogger("dovetail.server")
 
@@ -40,7 +41,11 @@ def create_app(settings: Settings,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = None
-        loading = asyncio.create_task(asyncio.to_thread(engine_factory, settings))
+        # Built on a thread that ends when the engine is ready: OpenMP worker pools that
+        # loading leaves behind (PyTorch copies of the draft, the cost measurement) end with
+        # it instead of slowing the engine thread's decodes (machine.run_on_fresh_thread).
+        loading = asyncio.create_task(asyncio.to_thread(run_on_fresh_thread, engine_factory,
+                                                        settings))
         # Serve /health (503) while the model loads.
         loading.add_done_callback(lambda task: _engine_ready(app, task))
         try:

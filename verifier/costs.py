@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from verifier.machine import describe_cpu
+from verifier.machine import describe_cpu, run_on_fresh_thread
 from verifier.target import Target
 
 DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
@@ -114,27 +113,12 @@ def measure_verify_costs(target: Target, sizes=DEFAULT_SIZES, context: int = 200
     rounds; after 3, stop once `max_seconds` have passed (a 7B target on few cores).
     Needs one free slot; leaves the target as it was. `progress`: a progress bar's label.
 
-    The decodes run on a thread of their own that ends with the measurement. llama.cpp's
-    OpenMP build keeps a pool of worker threads per thread that ever ran a decode; one left
-    idle on the caller's thread (the server builds its engine on a worker thread that lives
-    on) makes libgomp count more threads than cores, and then every later decode — on the
-    engine's thread — sleeps at each of its many barriers instead of spinning: on 2 cores a
-    freshly measured server decoded one token in 21 ms instead of 7.7, for its whole life.
+    The decodes run on a thread of their own that ends with the measurement
+    (`machine.run_on_fresh_thread`: a pool of llama.cpp worker threads left on the caller's
+    thread would slow every later decode on the engine's thread).
     """
-    result: list[VerifyCosts | BaseException] = []
-
-    def measure() -> None:
-        try:
-            result.append(_measure(target, sizes, context, repeats, max_seconds, progress))
-        except BaseException as error:  # handed to the caller
-            result.append(error)
-
-    thread = threading.Thread(target=measure, name="dovetail-measure-costs")
-    thread.start()
-    thread.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
+    return run_on_fresh_thread(_measure, target, sizes, context, repeats, max_seconds,
+                               progress)
 
 
 def _measure(target: Target, sizes, context: int, repeats: int, max_seconds: float | None,
