@@ -7,8 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -102,39 +100,6 @@ def test_the_measurement_runs_on_a_thread_of_its_own_that_ends_with_it(clock):
     target.verify_tree = lambda *args: 1 / 0  # a failure reaches the caller
     with pytest.raises(ZeroDivisionError):
         measure_verify_costs(target, sizes=(1,), repeats=1, max_seconds=None)
-
-
-def os_threads() -> set[int]:
-    return {int(entry.name) for entry in Path("/proc/self/task").iterdir()}
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-def test_measuring_leaves_no_llama_cpp_worker_threads_on_the_callers_thread(q4_target):
-    """The server measures on a worker thread that lives on. Had the decodes run there,
-    llama.cpp's OpenMP pool for that thread would stay too, and libgomp, counting more
-    threads than cores, makes every later decode on the engine's thread sleep at its
-    barriers (2.7x slower on 2 cores)."""
-    before = os_threads()
-    measured, release = threading.Event(), threading.Event()
-    caller_id: list[int] = []
-
-    def caller():
-        caller_id.append(threading.get_native_id())
-        measure_verify_costs(q4_target, sizes=(1, 2), context=16, repeats=1, max_seconds=None)
-        measured.set()
-        release.wait()
-
-    thread = threading.Thread(target=caller)
-    thread.start()
-    try:
-        assert measured.wait(60)
-        deadline = time.monotonic() + 5  # the measuring thread's pool ends with it, soon
-        while (new := os_threads() - before - set(caller_id)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not new, f"threads left behind: {sorted(new)}"
-    finally:
-        release.set()
-        thread.join()
 
 
 def test_more_tokens_never_cost_less():
