@@ -211,7 +211,9 @@ def test_shutdown_ends_running_streams_properly_and_refuses_the_rest(tmp_path):
 def test_prompt_lookup_served_concurrently_equals_plain_decoding(f16_model, f16_server,
                                                                   tmp_path):
     """`--draft ngram` (forced to draft every step it finds a match) with eight clients at
-    once: each output equals plain decoding of the same request alone (F16)."""
+    once: each output equals plain decoding of the same request alone (F16), except after
+    a near-tie of the target's logits (see `check_near_tie`; one full-suite run of six
+    went on with a new paragraph where the solo decoding had ended the reply)."""
     texts = [f"Repeat exactly, twice: {TOPICS[i]}, {TOPICS[i + 1]}, {TOPICS[i + 2]}."
              for i in range(8)]
     plain = [stream_chat(f16_server, text, 40) for text in texts]
@@ -223,7 +225,8 @@ def test_prompt_lookup_served_concurrently_equals_plain_decoding(f16_model, f16_
             replies = list(pool.map(lambda text: stream_chat(lookup, text, 40), texts))
     finally:
         stop_server(lookup)
-    for reply, reference in zip(replies, plain, strict=True):
+    for text, reply, reference in zip(texts, replies, plain, strict=True):
         assert reply["status"] == 200 and reply["error"] is None
-        assert reply["text"] == reference["text"]
+        if reply["text"] != reference["text"]:
+            check_near_tie(f16_model, text, reply["text"], reference["text"], 40)
     assert sum(reply["speculative"]["accepted_tokens"] for reply in replies) > 0

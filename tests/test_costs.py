@@ -19,7 +19,7 @@ from verifier.costs import (
     measure_verify_costs,
     non_decreasing,
 )
-from verifier.machine import describe_cpu
+from verifier.machine import describe_cpu, physical_cores
 
 TRUE_MS = {1: 15.0, 2: 25.0, 3: 34.0, 4: 35.0, 6: 45.0, 8: 58.0}
 
@@ -187,3 +187,14 @@ def test_live_costs_refresh_their_table_only_every_few_decodes():
     assert costs.of(1) == pytest.approx(3.0)
     costs.observe(2, 0.0)  # nothing measured: ignored
     assert costs.num_observed == 16
+
+
+@pytest.mark.parametrize(("flags", "shown"), [("fpu avx avx2 fma", " (AVX2)"),
+                                              ("fpu avx2 avx512f avx512bw", " (AVX-512)"),
+                                              ("fpu sse2", "")])
+def test_the_machine_name_tells_the_vector_extension(tmp_path, flags, shown):
+    """Cached costs and reports are keyed by it: two 'AMD EPYC' machines, one with AVX-512,
+    decode one Q4_1 token in 6.4 and 15-17 ms."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n")
+    assert describe_cpu(str(cpuinfo)) == f"AMD EPYC{shown}, {physical_cores()} cores"
