@@ -43,6 +43,14 @@ def draft_source(settings: Settings) -> Path | str | None:
     return Path(settings.draft)
 
 
+def live_costs(target: Target, proposal: str) -> LiveCosts:
+    """The budget's T_V: the cached (or now measured) profile, corrected as the engine runs."""
+    profile = cached_verify_costs(target)
+    log.info("%s, adaptive budget; verification costs (ms): %s", proposal,
+             {k: round(v * 1000, 1) for k, v in profile.seconds.items()})
+    return LiveCosts(profile)
+
+
 def build_engine(settings: Settings) -> Engine:
     source = draft_source(settings)
     tree_tokens = 1 if source is None else settings.draft_tokens
@@ -66,11 +74,9 @@ def build_engine(settings: Settings) -> Engine:
         if not settings.adaptive_budget:
             log.info("prompt lookup: up to %d drafted tokens per step", tree_tokens - 1)
             return Engine(target, proposer)
-        costs = cached_verify_costs(target)
-        log.info("prompt lookup, adaptive budget; verification costs (ms): %s",
-                 {k: round(v * 1000, 1) for k, v in costs.seconds.items()})
-        return Engine(target, proposer, budget=LookupBudget(LiveCosts(costs), proposer.max_ngram,
-                                                            tree_tokens - 1))
+        costs = live_costs(target, "prompt lookup")
+        return Engine(target, proposer,
+                      budget=LookupBudget(costs, proposer.max_ngram, tree_tokens - 1))
     device = resolve_device(settings.draft_device)
     model = load_checkpoint(source, read_target_weights(settings.model_path), device,
                             default_dtype(device))
@@ -83,7 +89,5 @@ def build_engine(settings: Settings) -> Engine:
     hybrid = HybridProposer(proposer, NgramProposer(max_tokens=tree_tokens - 1))
     if not settings.adaptive_budget:
         return Engine(target, hybrid)
-    costs = cached_verify_costs(target)
-    log.info("draft tree + prompt lookup, adaptive budget; verification costs (ms): %s",
-             {k: round(v * 1000, 1) for k, v in costs.seconds.items()})
-    return Engine(target, hybrid, budget=TreeBudget(LiveCosts(costs)))
+    costs = live_costs(target, "draft tree + prompt lookup")
+    return Engine(target, hybrid, budget=TreeBudget(costs))
