@@ -19,11 +19,15 @@ candidates in a `TreeBuilder`.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from draft_model.model import DraftModel, KVCache
 from draft_model.tree import TreeBuilder
+
+log = logging.getLogger("dovetail.draft")
 
 
 class DeviceGrowth:
@@ -39,6 +43,7 @@ class DeviceGrowth:
         self.chosen = torch.zeros(depth, top_k, dtype=torch.long, device=device)
         self.true = torch.ones((), dtype=torch.bool, device=device)  # no host scalar in a graph
         self.use_graph = use_graph and device.type == "cuda"
+        self.capture_failed = False
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, ...] = ()  # the started growth's, on the host
         if self.use_graph:
@@ -60,8 +65,9 @@ class DeviceGrowth:
             self.outputs = (self.child_tokens.cpu(), self.child_log_probs.cpu(),
                             self.chosen.cpu())
             return
-        if self.graph is None:
-            self._capture()
+        if not self.prepare():
+            self.start(root_hidden, committed)  # eagerly, on the device
+            return
         self.graph.replay()
         for host, device in zip(self.host, (self.child_tokens, self.child_log_probs,
                                             self.chosen), strict=True):
@@ -83,6 +89,23 @@ class DeviceGrowth:
             new_ids = builder.add_level(frontier, child_tokens[level, :rows],
                                         child_log_probs[level, :rows])
             frontier = [new_ids[j] for j in chosen[level].tolist()]
+
+    def prepare(self) -> bool:
+        """Capture the growth as a CUDA graph unless it is; False (and eager growth from now
+        on) where the capture fails — an operation this PyTorch or driver cannot capture
+        must not take the server down, only cost it the launch overhead."""
+        if self.graph is not None:
+            return True
+        if not self.use_graph:
+            return False
+        try:
+            self._capture()
+        except RuntimeError as error:
+            log.warning("the draft's tree growth could not be captured as a CUDA graph (%s); "
+                        "growing trees eagerly on the device", error)
+            self.graph, self.use_graph, self.capture_failed = None, False, True
+            return False
+        return True
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()

@@ -46,6 +46,12 @@ class HybridProposer:
     def new_state(self, capacity: int) -> HybridState:
         return HybridState(self.draft.new_state(capacity), self.lookup.new_state(capacity))
 
+    def release(self, state: HybridState) -> None:
+        self.draft.release(state.draft)
+
+    def warm_up(self, count: int, capacity: int) -> None:
+        self.draft.warm_up(count, capacity)
+
     def begin(self, state: HybridState, prompt_tokens: list[int], prompt_features: np.ndarray,
               root_token: int) -> None:
         self.draft.begin(state.draft, prompt_tokens, prompt_features, root_token)

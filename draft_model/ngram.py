@@ -34,6 +34,9 @@ class NgramProposer:
     def new_state(self, capacity: int) -> NgramState:
         return NgramState()
 
+    def release(self, state: NgramState) -> None:
+        """Nothing to keep: a state is a list and a dict."""
+
     def begin(self, state: NgramState, prompt_tokens: list[int], prompt_features,
               root_token: int) -> None:
         self._extend(state, [*prompt_tokens, root_token])

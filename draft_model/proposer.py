@@ -53,12 +53,45 @@ class Proposer:
         self.device, self.dtype = parameter.device, parameter.dtype
         self.device_growth = self.device.type == "cuda" if device_growth is None \
             else device_growth
+        self.use_graph = True  # until a capture fails: then eager growth for every sequence
+        self.released: list[DraftState] = []  # states of finished sequences, for reuse
 
     def new_state(self, capacity: int) -> DraftState:
-        """capacity: the longest sequence (prompt + completion) this state will hold."""
-        cache = KVCache.allocate(self.model.config, capacity + self.shape.max_scratch_slots,
-                                 self.device, self.dtype)
+        """capacity: the longest sequence (prompt + completion) this state will hold.
+
+        A released state that is large enough is reused — its cache, and on CUDA its tree
+        growth's buffers and captured graph: a new cache per request would mean a new graph
+        capture (and allocations, and the old graph's teardown) before every first token."""
+        needed = capacity + self.shape.max_scratch_slots
+        for index, state in enumerate(self.released):
+            if state.cache.capacity >= needed:
+                return self.released.pop(index)
+        cache = KVCache.allocate(self.model.config, needed, self.device, self.dtype)
         return DraftState(cache=cache)
+
+    def release(self, state: DraftState) -> None:
+        """The sequence is done with state: keep it for the next one. A tree launched and
+        never collected may still be growing on the device; the next sequence's work is
+        queued behind it on the same stream, and a stale cache slot is never attended to
+        (masks cover committed and this tree's scratch slots only)."""
+        state.num_committed = 0
+        state.pending_features.clear()
+        state.pending_tokens.clear()
+        state.launched = False
+        self.released.append(state)
+
+    @torch.inference_mode()
+    def warm_up(self, count: int, capacity: int) -> None:
+        """Prepare `count` states for sequences of up to `capacity` tokens now (at start-up)
+        rather than at the first requests: with device growth on CUDA, each one's tree
+        growth is captured as a CUDA graph here."""
+        if not (self.device_growth and self.device.type == "cuda"):
+            return
+        states = [self.new_state(capacity) for _ in range(count)]
+        for state in states:
+            state.growth = self._growth_for(state)
+            state.growth.prepare()
+            self.release(state)
 
     def begin(self, state: DraftState, prompt_tokens: list[int], prompt_features: np.ndarray,
               root_token: int) -> None:
@@ -91,10 +124,19 @@ class Proposer:
         state.launched = hidden is not None
         if hidden is None:
             return
-        top_k, depth = self.shape.top_k, self._depth
-        if state.growth is None or (state.growth.top_k, state.growth.depth) != (top_k, depth):
-            state.growth = DeviceGrowth(self.model, state.cache, top_k, depth, use_graph=True)
+        state.growth = self._growth_for(state)
         state.growth.start(hidden, state.num_committed)
+        if state.growth.capture_failed:
+            self.use_graph = False
+
+    def _growth_for(self, state: DraftState) -> DeviceGrowth:
+        """The state's device growth (kept across sequences), made when it has none."""
+        growth = state.growth
+        if growth is None or (growth.top_k, growth.depth) != (self.shape.top_k, self._depth) \
+                or (growth.use_graph and not self.use_graph):
+            growth = DeviceGrowth(self.model, state.cache, self.shape.top_k, self._depth,
+                                  use_graph=self.use_graph)
+        return growth
 
     @torch.inference_mode()
     def propose(self, state: DraftState, root_token: int,

@@ -84,6 +84,7 @@ def build_engine(settings: Settings) -> Engine:
                       total_tokens=settings.draft_tokens)
     log.info("draft %s on %s: %s", source, device, shape)
     proposer = Proposer(model, shape)
+    proposer.warm_up(settings.max_concurrency, settings.ctx_size + 1)  # CUDA graphs, now
     if not settings.draft_lookup:
         return Engine(target, proposer)
     hybrid = HybridProposer(proposer, NgramProposer(max_tokens=tree_tokens - 1))

@@ -246,7 +246,9 @@ class Engine:
         token = choose_token(output.last_logits, sequence.params, sequence.token_counts,
                              sequence.rng)
         if self.proposer is not None:
-            capacity = len(sequence.prompt_tokens) + sequence.max_new_tokens + 1
+            # sized for the longest request, so that every state can serve any request
+            capacity = max(self.target.config.ctx_size,
+                           len(sequence.prompt_tokens) + sequence.max_new_tokens) + 1
             sequence.draft_state = self.proposer.new_state(capacity)
             self.proposer.begin(sequence.draft_state, sequence.prompt_tokens,
                                 np.concatenate(sequence.prompt_features), token)
@@ -326,7 +328,9 @@ class Engine:
                 if sequence.slot is not None:
                     self.target.release_slot(sequence.slot)
                     sequence.slot = None
-                sequence.draft_state = None
+                if sequence.draft_state is not None:
+                    self.proposer.release(sequence.draft_state)  # kept for the next request
+                    sequence.draft_state = None
             else:
                 still_active.append(sequence)
         self._active = still_active

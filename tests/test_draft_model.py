@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from draft_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from draft_model.config import DraftConfig, TargetInfo
 from draft_model.device import resolve_device
+from draft_model.device_growth import DeviceGrowth
 from draft_model.model import DraftModel, DynamicGatingFusion, KVCache
 from draft_model.proposer import Proposer, TreeShape
 from draft_model.target_weights import TargetWeights
@@ -128,6 +130,11 @@ def test_reduced_vocabulary_maps_head_indices_to_target_ids():
         tiny_model(draft_vocab=4)  # a reduced head needs its ids
 
 
+def assert_same_trees(expected: list, actual: list) -> None:
+    for a, b in zip(expected, actual, strict=True):
+        assert (a.tokens, a.parents) == (b.tokens, b.parents)
+
+
 def grow_trees(proposer: Proposer, steps: int, seed: int = 0, launch: bool = False,
                skip: tuple[int, ...] = ()) -> list:
     """Trees of `steps` draft → commit rounds over random features, accepting each tree's
@@ -153,6 +160,9 @@ def grow_trees(proposer: Proposer, steps: int, seed: int = 0, launch: bool = Fal
         root = int(rng.integers(VOCAB))  # the bonus token
         proposer.commit(state, rng.standard_normal((len(path), HIDDEN)).astype(np.float32),
                         [*accepted, root])
+    if launch:  # the engine starts a tree after every commit, the last one too
+        proposer.launch(state)
+    proposer.release(state)  # as the engine does when the sequence ends
     return trees
 
 
@@ -179,8 +189,7 @@ def test_device_growth_grows_the_same_trees_as_host_growth(shape):
     host = grow_trees(Proposer(model, shape, device_growth=False), steps=8, skip=skip)
     early = grow_trees(Proposer(model, shape, device_growth=True), steps=8, launch=True,
                        skip=skip)
-    for a, c in zip(host, early, strict=True):
-        assert (a.tokens, a.parents) == (c.tokens, c.parents)
+    assert_same_trees(host, early)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -190,8 +199,70 @@ def test_cuda_graph_growth_equals_eager_growth():
     graphed = grow_trees(Proposer(model, shape, device_growth=True), steps=8, launch=True,
                          skip=(2, 3))
     host = grow_trees(Proposer(model, shape, device_growth=False), steps=8, skip=(2, 3))
-    for a, b in zip(host, graphed, strict=True):
-        assert (a.tokens, a.parents) == (b.tokens, b.parents)
+    assert_same_trees(host, graphed)
+
+
+@pytest.mark.parametrize("device_growth", [False, True], ids=["host", "device"])
+def test_a_released_state_serves_the_next_sequence_like_a_new_one(device_growth):
+    """Engines reuse a finished sequence's state (its cache, its growth's buffers and CUDA
+    graph): what the last sequence left in the cache must not change the next one's trees."""
+    shape = TreeShape(top_k=4, depth=5, total_tokens=12)
+    model = tiny_model(num_layers=2)
+    proposer = Proposer(model, shape, device_growth=device_growth)
+    grow_trees(proposer, steps=8, seed=0, launch=device_growth, skip=(3,))
+    used = proposer.released[-1]
+    again = grow_trees(proposer, steps=8, seed=1, launch=device_growth, skip=(3,))
+    assert proposer.released == [used]  # the second sequence ran in the first one's state
+    assert proposer.new_state(capacity=80) is used
+    assert proposer.new_state(capacity=81) is not used  # too small for this one
+    fresh = grow_trees(Proposer(model, shape, device_growth=device_growth), steps=8, seed=1,
+                       launch=device_growth, skip=(3,))
+    assert_same_trees(fresh, again)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_warm_up_captures_the_graphs_that_sequences_then_replay():
+    shape = TreeShape(top_k=4, depth=5, total_tokens=12)
+    model = tiny_model(num_layers=2).cuda()
+    proposer = Proposer(model, shape)
+    proposer.warm_up(2, capacity=80)
+    graphs = [state.growth.graph for state in proposer.released]
+    assert len(graphs) == 2 and all(graph is not None for graph in graphs)
+    graphed = grow_trees(proposer, steps=8, launch=True, skip=(2, 3))
+    assert [state.growth.graph for state in proposer.released] == graphs[::-1]  # replayed
+    host = grow_trees(Proposer(model, shape, device_growth=False), steps=8, skip=(2, 3))
+    assert_same_trees(host, graphed)
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_growth_once(monkeypatch, caplog):
+    """A capture this PyTorch or driver refuses costs launches, not the server: the tree is
+    grown eagerly, and later sequences do not try again (simulated on the CPU: the growth
+    is told to capture and the capture raises, as CUDA's does)."""
+    captures = []
+
+    def refuse(growth):
+        captures.append(growth)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    make_growth = DeviceGrowth.__init__
+
+    def wants_graph(growth, *args, use_graph, **kwargs):
+        make_growth(growth, *args, use_graph=use_graph, **kwargs)
+        growth.use_graph = use_graph
+
+    monkeypatch.setattr(DeviceGrowth, "_capture", refuse)
+    monkeypatch.setattr(DeviceGrowth, "__init__", wants_graph)
+    shape = TreeShape(top_k=4, depth=5, total_tokens=12)
+    model = tiny_model(num_layers=2)
+    proposer = Proposer(model, shape, device_growth=True)
+    with caplog.at_level(logging.WARNING, logger="dovetail.draft"):
+        first = grow_trees(proposer, steps=4, launch=True, skip=(2,))
+        second = grow_trees(proposer, steps=4, launch=True, skip=(2,))  # a new sequence
+    assert len(captures) == 1 and not proposer.use_graph
+    assert "growing trees eagerly" in caplog.text
+    host = grow_trees(Proposer(model, shape, device_growth=False), steps=4, skip=(2,))
+    for a, b, c in zip(host, first, second, strict=True):
+        assert (a.tokens, a.parents) == (b.tokens, b.parents) == (c.tokens, c.parents)
 
 
 def test_checkpoint_round_trip(tmp_path):

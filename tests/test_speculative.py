@@ -175,6 +175,7 @@ def test_greedy_speculative_output_equals_plain_decoding(draft_kind, shape, devi
     proposer = Proposer(draft.to(device, default_dtype(device)), shape)
     sequences = generate(Engine(target, proposer), PROMPTS)
     draft.to("cpu", torch.float32)
+    assert len(proposer.released) == 1  # each request ran in the state the one before left
 
     identical = [matches(sequence.output_tokens, reference, text)
                  for (text, _), sequence, reference in zip(PROMPTS, sequences, references,
