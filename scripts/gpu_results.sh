@@ -8,24 +8,27 @@
 #
 # Environment: PYTHON (python3), COUNT (40 HumanEval problems), SYSTEMS (the throughput
 # script's systems; llama-cpp-lookup is left out by default: it only costs time), MODEL
-# (the default model's GGUF unless given). Each step's output goes to OUT/<step>.log; a
-# failing step is reported and the others still run. Needs the project importable (installed,
-# or on PYTHONPATH) and, for the tests, pytest.
+# (the default model's GGUF unless given), STEPS (which of the steps run; default: all,
+# tests-cuda throughput-f16 throughput-q4 profile). Each step's output goes to
+# OUT/<step>.log; a failing step is reported and the others still run. Needs the project
+# importable (installed, or on PYTHONPATH) and, for the tests, pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results-gpu}
 PYTHON=${PYTHON:-python3}
 COUNT=${COUNT:-40}
 SYSTEMS=${SYSTEMS:-dovetail dovetail-plain llama-cpp}
+STEPS=" ${STEPS:-tests-cuda throughput-f16 throughput-q4 profile} "
 MODEL_ARGS=()
 if [[ -n "${MODEL:-}" ]]; then MODEL_ARGS=(--model "$MODEL"); fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 failed=()
 
-step() {  # step NAME COMMAND...: run, log, note a failure
+step() {  # step NAME COMMAND...: run, log, note a failure (unless STEPS leaves it out)
     local name=$1
     shift
+    [[ "$STEPS" == *" $name "* ]] || return 0
     echo "== $name: $*"
     local started=$SECONDS
     if "$@" >"$OUT/$name.log" 2>&1; then
@@ -45,10 +48,10 @@ step() {  # step NAME COMMAND...: run, log, note a failure
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-if "$PYTHON" -c 'import pytest' 2>/dev/null; then
+if "$PYTHON" -c 'import pytest' 2>/dev/null || [[ "$STEPS" != *" tests-cuda "* ]]; then
     # the tests that need CUDA (device growth as a CUDA graph, the draft on the GPU in the
     # engine) and the speculative exactness tests, which run on every device there is
-    step tests-cuda "$PYTHON" -m pytest -q -x -k cuda tests/test_draft_model.py tests/test_speculative.py
+    step tests-cuda "$PYTHON" -m pytest -q -k cuda tests/test_draft_model.py tests/test_speculative.py
 else
     echo "== tests-cuda: skipped (no pytest)"
 fi
