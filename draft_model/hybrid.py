@@ -43,11 +43,14 @@ class HybridProposer:
     def shape(self):
         return self.draft.shape
 
-    def new_state(self, capacity: int) -> HybridState:
-        return HybridState(self.draft.new_state(capacity), self.lookup.new_state(capacity))
+    def new_state(self, capacity: int, key: int | None = None) -> HybridState:
+        return HybridState(self.draft.new_state(capacity, key), self.lookup.new_state(capacity))
 
-    def release(self, state: HybridState) -> None:
-        self.draft.release(state.draft)
+    def release(self, state: HybridState, key: int | None = None) -> None:
+        self.draft.release(state.draft, key)
+
+    def reusable(self, key: int, prompt_tokens: list[int], kept: int) -> int:
+        return self.draft.reusable(key, prompt_tokens, kept)
 
     def warm_up(self, count: int, capacity: int) -> None:
         self.draft.warm_up(count, capacity)

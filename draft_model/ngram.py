@@ -31,11 +31,15 @@ class NgramProposer:
             raise ValueError("need 1 ≤ min_ngram ≤ max_ngram")
         self.max_ngram, self.min_ngram, self.max_tokens = max_ngram, min_ngram, max_tokens
 
-    def new_state(self, capacity: int) -> NgramState:
+    def new_state(self, capacity: int, key: int | None = None) -> NgramState:
         return NgramState()
 
-    def release(self, state: NgramState) -> None:
+    def release(self, state: NgramState, key: int | None = None) -> None:
         """Nothing to keep: a state is a list and a dict."""
+
+    def reusable(self, key: int, prompt_tokens: list[int], kept: int) -> int:
+        """All of it: the lookup indexes the whole prompt's tokens and needs no features."""
+        return kept
 
     def begin(self, state: NgramState, prompt_tokens: list[int], prompt_features,
               root_token: int) -> None:

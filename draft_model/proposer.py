@@ -31,7 +31,7 @@ class TreeShape:
 
 @dataclass
 class DraftState:
-    """The draft side of one sequence."""
+    """The draft side of one sequence (kept for the next one in its target slot)."""
 
     cache: KVCache
     num_committed: int = 0  # pairs in the cache (slots 0..num_committed-1)
@@ -40,13 +40,18 @@ class DraftState:
     pending_tokens: list[int] = field(default_factory=list)
     growth: DeviceGrowth | None = None  # with device growth: its buffers (and CUDA graph)
     launched: bool = False  # with device growth: a tree below the last catch-up is started
+    # What the target has verified, by position — so that a later request on the same
+    # target slot, which keeps a prefix of it, catches up on the rest only.
+    seen_tokens: list[int] = field(default_factory=list)
+    seen_features: np.ndarray | None = None  # [≥ len(seen_tokens), H]: row t is f_t
+    next_token: int = -1  # verified next (the root): its feature comes with the next commit
 
 
 class Proposer:
     def __init__(self, model: DraftModel, shape: TreeShape,
                  device_growth: bool | None = None) -> None:
         """device_growth: grow trees on the draft's device (draft_model/device_growth.py,
-        a CUDA graph per sequence on CUDA); default: on CUDA only."""
+        a CUDA graph per draft state on CUDA); default: on CUDA only."""
         self.model = model.eval()
         self.shape = shape
         parameter = next(model.parameters())
@@ -54,31 +59,62 @@ class Proposer:
         self.device_growth = self.device.type == "cuda" if device_growth is None \
             else device_growth
         self.use_graph = True  # until a capture fails: then eager growth for every sequence
-        self.released: list[DraftState] = []  # states of finished sequences, for reuse
+        self.released: list[DraftState] = []  # states free for any sequence
+        self.kept: dict[int, DraftState] = {}  # by key (the engine's target slot): for reuse
+        self.num_states = 0  # states made so far
 
-    def new_state(self, capacity: int) -> DraftState:
-        """capacity: the longest sequence (prompt + completion) this state will hold.
+    def new_state(self, capacity: int, key: int | None = None) -> DraftState:
+        """capacity: the longest sequence (prompt + completion) this state will hold; key:
+        the target slot the sequence runs in.
 
-        A released state that is large enough is reused — its cache, and on CUDA its tree
+        The state last released under `key` comes back with what it has seen, so that
+        `begin` may take a prefix the target kept (see `reusable`); else a released state
+        that is large enough, else a new one. Reuse keeps the cache and, on CUDA, the tree
         growth's buffers and captured graph: a new cache per request would mean a new graph
         capture (and allocations, and the old graph's teardown) before every first token."""
         needed = capacity + self.shape.max_scratch_slots
+        state = self.kept.pop(key, None) if key is not None else None
+        if state is not None:
+            if state.cache.capacity >= needed:
+                return state
+            bigger = self._allocate(needed)  # the pairs are recomputed from what it has seen
+            bigger.seen_tokens, bigger.seen_features = state.seen_tokens, state.seen_features
+            return bigger
         for index, state in enumerate(self.released):
             if state.cache.capacity >= needed:
-                return self.released.pop(index)
-        cache = KVCache.allocate(self.model.config, needed, self.device, self.dtype)
-        return DraftState(cache=cache)
+                state = self.released.pop(index)
+                state.seen_tokens.clear()
+                return state
+        return self._allocate(needed)
 
-    def release(self, state: DraftState) -> None:
-        """The sequence is done with state: keep it for the next one. A tree launched and
-        never collected may still be growing on the device; the next sequence's work is
-        queued behind it on the same stream, and a stale cache slot is never attended to
-        (masks cover committed and this tree's scratch slots only)."""
-        state.num_committed = 0
+    def _allocate(self, capacity: int) -> DraftState:
+        self.num_states += 1
+        return DraftState(KVCache.allocate(self.model.config, capacity, self.device,
+                                           self.dtype))
+
+    def release(self, state: DraftState, key: int | None = None) -> None:
+        """The sequence is done with state: keep it (under key) for the next one. A tree
+        launched and never collected may still be growing on the device; the next
+        sequence's work is queued behind it on the same stream, and a stale cache slot is
+        never attended to (masks cover committed and this tree's scratch slots only)."""
         state.pending_features.clear()
         state.pending_tokens.clear()
         state.launched = False
-        self.released.append(state)
+        if key is None:
+            self.released.append(state)
+            return
+        if key in self.kept:
+            self.released.append(self.kept[key])
+        self.kept[key] = state
+
+    def reusable(self, key: int, prompt_tokens: list[int], kept: int) -> int:
+        """How many of the `kept` prompt tokens (a prefix the target holds from an earlier
+        request in slot `key`) the state under key has seen: their features are known, so
+        the draft need not be given them again."""
+        state = self.kept.get(key)
+        if state is None:
+            return 0
+        return min(kept, common_prefix(state.seen_tokens, prompt_tokens))
 
     @torch.inference_mode()
     def warm_up(self, count: int, capacity: int) -> None:
@@ -95,9 +131,23 @@ class Proposer:
 
     def begin(self, state: DraftState, prompt_tokens: list[int], prompt_features: np.ndarray,
               root_token: int) -> None:
-        """After the target's prefill: pairs (f_t, x_{t+1}) for the prompt and the root."""
+        """After the target's prefill: pairs (f_t, x_{t+1}) for the prompt and the root.
+
+        prompt_features are the features of the prompt's last tokens, the ones the target
+        read; the tokens before them (a prefix it kept from an earlier request) must be ones
+        this state has seen (`reusable`). Pairs of that prefix already in the cache stay."""
+        start = len(prompt_tokens) - len(prompt_features)
+        if state.seen_tokens[:start] != list(prompt_tokens[:start]):
+            raise ValueError(f"the draft has not seen the {start} prompt tokens the target kept")
+        state.num_committed = min(state.num_committed, max(start - 1, 0))
+        first = state.num_committed
         state.pending_features = [prompt_features]
-        state.pending_tokens = [*prompt_tokens[1:], root_token]
+        if first < start:  # the kept prefix's last features: its pairs are not in the cache
+            state.pending_features.insert(0, state.seen_features[first:start].copy())
+        state.pending_tokens = [*prompt_tokens[first + 1:], root_token]
+        del state.seen_tokens[start:]
+        self._record(state, prompt_tokens[start:], prompt_features)
+        state.next_token = root_token
 
     def commit(self, state: DraftState, path_features: np.ndarray,
                next_tokens: list[int]) -> None:
@@ -109,6 +159,21 @@ class Proposer:
         """
         state.pending_features.append(path_features)
         state.pending_tokens.extend(next_tokens)
+        self._record(state, [state.next_token, *next_tokens[:-1]], path_features)
+        state.next_token = next_tokens[-1]
+
+    @staticmethod
+    def _record(state: DraftState, tokens: list[int], features: np.ndarray) -> None:
+        """Append verified tokens and their features to what the state has seen."""
+        start, end = len(state.seen_tokens), len(state.seen_tokens) + len(tokens)
+        seen = state.seen_features
+        if seen is None or len(seen) < end:
+            grown = np.empty((max(end, state.cache.capacity), features.shape[1]), np.float32)
+            if seen is not None:
+                grown[:start] = seen[:start]
+            state.seen_features = seen = grown
+        seen[start:end] = features
+        state.seen_tokens.extend(tokens)
 
     @torch.inference_mode()
     def launch(self, state: DraftState) -> None:
@@ -132,7 +197,8 @@ class Proposer:
     def _growth_for(self, state: DraftState) -> DeviceGrowth:
         """The state's device growth (kept across sequences), made when it has none."""
         growth = state.growth
-        if growth is None or (growth.top_k, growth.depth) != (self.shape.top_k, self._depth) \
+        if growth is None or growth.cache is not state.cache \
+                or (growth.top_k, growth.depth) != (self.shape.top_k, self._depth) \
                 or (growth.use_graph and not self.use_graph):
             growth = DeviceGrowth(self.model, state.cache, self.shape.top_k, self._depth,
                                   use_graph=self.use_graph)
@@ -231,3 +297,8 @@ class Proposer:
         """hidden [P, H] → target token ids and log-probs of the top_k, each [P, k]."""
         tokens, log_probs = top_children(self.model, hidden, self.shape.top_k)
         return tokens.cpu().numpy(), log_probs.cpu().numpy()
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))

@@ -51,7 +51,8 @@ cat "$OUT/machine.txt"
 if "$PYTHON" -c 'import pytest' 2>/dev/null || [[ "$STEPS" != *" tests-cuda "* ]]; then
     # the tests that need CUDA (device growth as a CUDA graph, the draft on the GPU in the
     # engine) and the speculative exactness tests, which run on every device there is
-    step tests-cuda "$PYTHON" -m pytest -q -k cuda tests/test_draft_model.py tests/test_speculative.py
+    step tests-cuda "$PYTHON" -m pytest -v --durations=10 -k cuda tests/test_draft_model.py \
+        tests/test_speculative.py
 else
     echo "== tests-cuda: skipped (no pytest)"
 fi

@@ -64,8 +64,7 @@ def build_engine(settings: Settings) -> Engine:
         num_threads=settings.num_threads,
         flash_attn=settings.flash_attn,
         features=source not in (None, NGRAM),
-        # the draft needs every prompt token's features, so it reads whole prompts
-        reuse_prefixes=settings.prefix_reuse and source in (None, NGRAM),
+        reuse_prefixes=settings.prefix_reuse,
     ))
     if source is None:
         return Engine(target)

@@ -166,8 +166,16 @@ class Engine:
         while self._waiting and self.target.num_free_slots:
             with self._wakeup:
                 sequence = self._waiting.popleft()
-            sequence.slot = self.target.acquire_slot(sequence.prompt_tokens)
-            sequence.num_prompt_read = self.target.num_cached(sequence.slot)  # a kept prefix
+            sequence.slot = slot = self.target.acquire_slot(sequence.prompt_tokens)
+            kept = self.target.num_cached(slot)  # a prompt prefix kept from an earlier request
+            if kept and self.proposer is not None:
+                # a draft model needs the features of every prompt token: keep only what the
+                # draft state of this slot has seen
+                usable = self.proposer.reusable(slot, sequence.prompt_tokens, kept)
+                if usable < kept:
+                    self.target.truncate(slot, usable)
+                    kept = usable
+            sequence.num_prompt_read = kept
             self._active.append(sequence)
 
     def _draft(self, sequences: list[Sequence]) -> list[tuple[Sequence, DraftTree]]:
@@ -249,7 +257,7 @@ class Engine:
             # sized for the longest request, so that every state can serve any request
             capacity = max(self.target.config.ctx_size,
                            len(sequence.prompt_tokens) + sequence.max_new_tokens) + 1
-            sequence.draft_state = self.proposer.new_state(capacity)
+            sequence.draft_state = self.proposer.new_state(capacity, key=sequence.slot)
             self.proposer.begin(sequence.draft_state, sequence.prompt_tokens,
                                 np.concatenate(sequence.prompt_features), token)
             self._launch(sequence)
@@ -325,11 +333,12 @@ class Engine:
         still_active = []
         for sequence in self._active:
             if sequence.is_finished:
-                if sequence.slot is not None:
-                    self.target.release_slot(sequence.slot)
+                slot = sequence.slot
+                if slot is not None:
+                    self.target.release_slot(slot)
                     sequence.slot = None
-                if sequence.draft_state is not None:
-                    self.proposer.release(sequence.draft_state)  # kept for the next request
+                if sequence.draft_state is not None:  # kept for the slot's next request
+                    self.proposer.release(sequence.draft_state, key=slot)
                     sequence.draft_state = None
             else:
                 still_active.append(sequence)

@@ -69,8 +69,8 @@ class Settings(BaseSettings):
         64, ge=0, description="Requests that may wait for a slot; beyond it: 429 + Retry-After."
     )
     prefix_reuse: bool = Field(
-        True, description="Keep a finished request's KV cells and skip the prompt prefix a "
-        "new request shares with them (plain decoding and prompt lookup).")
+        True, description="Keep a finished request's KV cells (and its draft state's) and "
+        "skip the prompt prefix a new request shares with them.")
     request_timeout: float = Field(
         600, ge=0, description="Seconds a request may take from arrival (0: no limit); one "
         "still waiting for a slot then gets 503, one generating ends with what it has.")

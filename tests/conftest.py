@@ -100,10 +100,12 @@ class Reference:
     gaps: list[float]  # top-1 minus top-2 logit where each output token was chosen
 
 
-def plain_greedy(target, text, max_new) -> Reference:
-    """One token per decode, recording the top-two logit gap of every choice."""
+def plain_greedy(target, text: str | list[int], max_new) -> Reference:
+    """One token per decode, recording the top-two logit gap of every choice (text: a user
+    message, or a whole prompt's tokens)."""
     slot = target.acquire_slot()
-    logits = target.prefill(slot, prompt_tokens(target, text)).last_logits
+    tokens = prompt_tokens(target, text) if isinstance(text, str) else text
+    logits = target.prefill(slot, tokens).last_logits
     tokens, gaps = [], []
     while True:
         top2 = np.sort(logits)[-2:]

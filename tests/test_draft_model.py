@@ -145,7 +145,15 @@ def grow_trees(proposer: Proposer, steps: int, seed: int = 0, launch: bool = Fal
     rng = np.random.default_rng(seed)
     state = proposer.new_state(capacity=80)
     proposer.begin(state, [1, 2, 3, 4], rng.standard_normal((4, HIDDEN)).astype(np.float32), 5)
-    trees, root = [], 5
+    trees, _ = run_steps(proposer, state, 5, steps, rng, launch, skip)
+    proposer.release(state)  # as the engine does when the sequence ends
+    return trees
+
+
+def run_steps(proposer: Proposer, state, root: int, steps: int, rng, launch: bool = False,
+              skip: tuple[int, ...] = ()) -> tuple[list, int]:
+    """grow_trees' rounds on a begun state: (the trees, the last bonus token)."""
+    trees = []
     for step in range(steps):
         if launch:
             proposer.launch(state)
@@ -162,8 +170,7 @@ def grow_trees(proposer: Proposer, steps: int, seed: int = 0, launch: bool = Fal
                         [*accepted, root])
     if launch:  # the engine starts a tree after every commit, the last one too
         proposer.launch(state)
-    proposer.release(state)  # as the engine does when the sequence ends
-    return trees
+    return trees, root
 
 
 @pytest.mark.parametrize("shape", [TreeShape(top_k=4, depth=5, total_tokens=12),
@@ -218,6 +225,46 @@ def test_a_released_state_serves_the_next_sequence_like_a_new_one(device_growth)
     fresh = grow_trees(Proposer(model, shape, device_growth=device_growth), steps=8, seed=1,
                        launch=device_growth, skip=(3,))
     assert_same_trees(fresh, again)
+
+
+@pytest.mark.parametrize("device_growth", [False, True], ids=["host", "device"])
+def test_a_prompt_prefix_the_slot_has_seen_is_not_given_again(device_growth):
+    """A chat's next turn lands in the slot of the turn before, whose tokens start its
+    prompt; the target keeps that prefix and reads the rest. The draft then gets only the
+    read tokens' features: its state knows the prefix's, and its trees are those a new state
+    grows from the whole prompt."""
+    shape = TreeShape(top_k=4, depth=5, total_tokens=12)
+    model = tiny_model(num_layers=2)
+    proposer = Proposer(model, shape, device_growth=device_growth)
+    rng = np.random.default_rng(0)
+    first = proposer.new_state(capacity=80, key=3)
+    proposer.begin(first, [1, 2, 3, 4, 5, 6], rng.standard_normal((6, HIDDEN)).astype(np.float32),
+                   7)
+    run_steps(proposer, first, 7, 4, rng, launch=device_growth)
+    proposer.release(first, key=3)
+    seen = list(first.seen_tokens)
+    assert len(seen) > 6 and first.seen_features.shape[1] == HIDDEN
+    prompt = [*seen[:-1], 9, 10, 11]  # the last verified token differs: 3 new ones
+    kept = len(seen) - 1
+    assert proposer.reusable(3, prompt, kept=len(prompt) - 2) == kept  # what it has seen
+    assert proposer.reusable(3, prompt, kept=4) == 4
+    assert proposer.reusable(2, prompt, kept=4) == 0  # another slot's
+    read = rng.standard_normal((len(prompt) - kept, HIDDEN)).astype(np.float32)
+    every = np.concatenate((first.seen_features[:kept], read))
+
+    again = proposer.new_state(capacity=80, key=3)
+    assert again is first and proposer.num_states == 1
+    proposer.begin(again, prompt, read, 12)
+    trees, _ = run_steps(proposer, again, 12, 6, np.random.default_rng(1), launch=device_growth)
+    fresh = Proposer(model, shape, device_growth=device_growth)
+    state = fresh.new_state(capacity=80)
+    fresh.begin(state, prompt, every, 12)
+    expected, _ = run_steps(fresh, state, 12, 6, np.random.default_rng(1), launch=device_growth)
+    assert_same_trees(expected, trees)
+
+    other = proposer.new_state(capacity=80, key=5)  # a slot it has not seen
+    with pytest.raises(ValueError, match="has not seen"):
+        proposer.begin(other, prompt, read, 12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -175,7 +175,7 @@ def test_greedy_speculative_output_equals_plain_decoding(draft_kind, shape, devi
     proposer = Proposer(draft.to(device, default_dtype(device)), shape)
     sequences = generate(Engine(target, proposer), PROMPTS)
     draft.to("cpu", torch.float32)
-    assert len(proposer.released) == 1  # each request ran in the state the one before left
+    assert proposer.num_states == 1  # each request ran in the state the one before left
 
     identical = [matches(sequence.output_tokens, reference, text)
                  for (text, _), sequence, reference in zip(PROMPTS, sequences, references,
@@ -190,6 +190,50 @@ def test_greedy_speculative_output_equals_plain_decoding(draft_kind, shape, devi
         assert accepted / drafted < 0.05 and tau < 1.2
     else:
         assert tau > 1.8, f"trained draft accepted too little: tau {tau:.2f}"
+
+
+@pytest.mark.slow
+def test_the_next_chat_turn_reuses_the_kept_prefix_with_a_draft(f16_model, target,
+                                                                trained_draft):
+    """With a draft model too, a chat's next turn reads only what is new: the target keeps
+    the earlier turn's cells and the draft state its pairs and features. The answer is
+    still the target's own."""
+    reusing = make_target(f16_model, num_slots=2, max_tree_nodes=16, max_tree_branches=16,
+                          reuse_prefixes=True)
+    try:
+        proposer = Proposer(trained_draft, TREE)
+        engine = Engine(reusing, proposer)
+        question = "Why is the sky blue?"
+        [first] = generate(engine, [(question, 48)])
+        messages = [{"role": "user", "content": question},
+                    {"role": "assistant", "content": reusing.tokenizer.decode(
+                        first.output_tokens)},
+                    {"role": "user", "content": "And why is it red at sunset?"}]
+        prompt = reusing.tokenizer.encode(reusing.chat_template.render(messages))
+        second = Sequence(prompt, SamplingParams(temperature=0), 48, [],
+                          sink=lambda event: None)
+        engine.submit(second)
+        engine.step()  # reads the prompt: all but the kept prefix
+        kept_pairs = second.draft_state.num_committed
+        assert kept_pairs >= len(first.prompt_tokens)  # the first turn's pairs stay
+        assert len(second.draft_state.pending_tokens) == len(prompt) - kept_pairs
+        while not second.is_finished:
+            engine.step()
+        proposer.kept.clear()  # the draft forgot the slot: the target must read it all again
+        third = Sequence(prompt, SamplingParams(temperature=0), 48, [],
+                         sink=lambda event: None)
+        engine.submit(third)
+        engine.step()
+        assert third.draft_state.num_committed == 0
+        assert len(third.draft_state.pending_tokens) == len(prompt)
+        while not third.is_finished:
+            engine.step()
+    finally:
+        reusing.close()
+    assert proposer.num_states == 2
+    reference = plain_greedy(target, prompt, 48)
+    matches(second.output_tokens, reference, "the second turn")
+    matches(third.output_tokens, reference, "the second turn, read again")
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@ import gguf
 import numpy as np
 import pytest
 
+from tests.conftest import make_target
+
 CHAT = "<|im_start|>user\nWrite a short story about a robot who learns to paint.<|im_end|>\n" \
        "<|im_start|>assistant\n"
 
@@ -276,3 +278,34 @@ def test_a_target_without_features_decodes_the_same_tokens(f16_model, f16_target
         f16_target.release_slot(full_slot)
     finally:
         plain.close()
+
+
+def test_a_kept_prefix_can_be_cut_shorter(f16_model):
+    """truncate: keep less of a prefix acquire_slot kept (the engine does when its draft
+    has not seen all of it); the cells after it go, and reading on from there gives what a
+    fresh read gives."""
+    from verifier.target import PromptChunk
+
+    target = make_target(f16_model, num_slots=1, reuse_prefixes=True)
+    try:
+        prompt = prompt_tokens(target)
+        slot = target.acquire_slot(prompt)
+        target.prefill(slot, prompt)
+        target.release_slot(slot)
+        slot = target.acquire_slot(prompt)
+        assert target.num_cached(slot) == len(prompt) - 2
+        with pytest.raises(ValueError, match="cannot keep"):
+            target.truncate(slot, len(prompt))
+        target.truncate(slot, 5)
+        assert target.num_cached(slot) == 5
+        assert target.sequence_positions(slot)[0] == (0, 4)
+        read = target.evaluate([], [PromptChunk(slot, prompt[5:])])[1][0]
+        target.release_slot(slot)
+        slot = target.acquire_slot()  # no prompt to share a prefix with: an empty slot
+        fresh = target.prefill(slot, prompt)
+        assert read.last_logits.argmax() == fresh.last_logits.argmax()
+        np.testing.assert_allclose(read.last_logits, fresh.last_logits, atol=0.05)
+        np.testing.assert_allclose(read.features, fresh.features[5:], atol=0.01)
+    finally:
+        target.close()
+

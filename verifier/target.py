@@ -243,6 +243,16 @@ class Target:
             slot.tokens = []
         self._slots[slot_index] = _Slot(is_free=True, tokens=slot.tokens)
 
+    def truncate(self, slot_index: int, keep: int) -> None:
+        """Keep only the first `keep` committed tokens of a slot between trees (e.g. of a
+        prefix acquire_slot kept, when the caller can use less of it)."""
+        slot = self._slot(slot_index)
+        if slot.node_leaf is not None or not 0 <= keep <= slot.num_cached:
+            raise ValueError(f"cannot keep {keep} of the slot's {slot.num_cached} tokens here")
+        llama_cpp.llama_memory_seq_rm(self._memory, self._slot_seq_ids(slot_index)[0], keep, -1)
+        slot.num_cached = keep
+        del slot.tokens[keep:]
+
     def num_cached(self, slot_index: int) -> int:
         return self._slots[slot_index].num_cached
 
