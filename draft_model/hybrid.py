@@ -52,9 +52,6 @@ class HybridProposer:
     def reusable(self, key: int, prompt_tokens: list[int], kept: int) -> int:
         return self.draft.reusable(key, prompt_tokens, kept)
 
-    def warm_up(self, count: int, capacity: int) -> None:
-        self.draft.warm_up(count, capacity)
-
     def begin(self, state: HybridState, prompt_tokens: list[int], prompt_features: np.ndarray,
               root_token: int) -> None:
         self.draft.begin(state.draft, prompt_tokens, prompt_features, root_token)

@@ -126,9 +126,8 @@ class TorchTarget:
                 keys, values = cache[index]
                 keys[:, :, cache_length:end] = k
                 values[:, :, cache_length:end] = v
-                out = F.scaled_dot_product_attention(
-                    q, keys[:, :, :end], values[:, :, :end],
-                    attn_mask=attention_mask[:, None], enable_gqa=groups > 1)
+                out = _grouped_attention(q, keys[:, :, :end], values[:, :, :end],
+                                         attention_mask, groups)
             x = x + out.transpose(1, 2).reshape(batch, length, -1) @ layer.attn_output.T
             h = self._norm(x, layer.ffn_norm)
             x = x + (F.silu(h @ layer.ffn_gate.T) * (h @ layer.ffn_up.T)) @ layer.ffn_down.T
@@ -220,6 +219,20 @@ class TorchFeatureSource:
         answers = self.generate(prompts, max_new_tokens, stop_tokens)
         features = self.features([p + a for p, a in zip(prompts, answers, strict=True)])
         return list(zip(answers, features, strict=True))
+
+
+def _grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """Attention of q [B, heads, T, D] over a cache [B, kv_heads, S, D] under mask
+    [B, T, S], each KV head serving its group of query heads as G·T rows. The same
+    arithmetic as SDPA's enable_gqa, but with a mask enable_gqa runs on the math backend,
+    which copies the cache once per group; this stays on the fused kernels."""
+    batch, heads, length, dim = q.shape
+    kv_heads = keys.shape[1]
+    grouped = q.reshape(batch, kv_heads, groups * length, dim)  # row g·T + t: head k·G + g
+    rows_mask = mask.repeat(1, groups, 1)[:, None]  # [B, 1, G·T, S]
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=rows_mask)
+    return out.reshape(batch, heads, length, dim)
 
 
 def _groups(sequences: list[list[int]], batch_tokens: int, extra: int = 0):

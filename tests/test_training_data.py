@@ -66,6 +66,22 @@ def test_the_pytorch_port_computes_the_targets_features(q4_target, torch_target)
                                                                                  prompt, 24)
 
 
+def test_grouped_cache_attention_equals_sdpa_with_enable_gqa():
+    """The port's cached attention (a KV head serves its query heads' rows together) is
+    SDPA's own GQA arithmetic, for one new token and for several."""
+    from draft_model.torch_target import _grouped_attention
+
+    torch.manual_seed(0)
+    for length in (1, 5):
+        q = torch.randn(3, 9, length, 16)
+        keys, values = torch.randn(3, 3, 12, 16), torch.randn(3, 3, 12, 16)
+        mask = torch.rand(3, length, 12) > 0.3
+        mask[..., 0] = True  # every row sees something
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask[:, None], enable_gqa=True)
+        torch.testing.assert_close(_grouped_attention(q, keys, values, mask, 3), expected)
+
+
 def test_batched_left_padded_generation_equals_generating_alone(q4_target, torch_target):
     prompts = [chat_tokens(q4_target, text) for text in PROMPTS]
     assert len({len(p) for p in prompts}) > 1  # really padded
