@@ -60,7 +60,7 @@ class Proposer:
             else device_growth
         self.use_graph = True  # until a capture fails: then eager growth for every sequence
         self.released: list[DraftState] = []  # states free for any sequence
-        self.kept: dict[int, DraftState] = {}  # by key (the engine's target slot): for reuse
+        self.by_key: dict[int, DraftState] = {}  # released under a key (the engine: its slot)
         self.num_states = 0  # states made so far
 
     def new_state(self, capacity: int, key: int | None = None) -> DraftState:
@@ -73,7 +73,7 @@ class Proposer:
         growth's buffers and captured graph: a new cache per request would mean a new graph
         capture (and allocations, and the old graph's teardown) before every first token."""
         needed = capacity + self.shape.max_scratch_slots
-        state = self.kept.pop(key, None) if key is not None else None
+        state = self.by_key.pop(key, None) if key is not None else None
         if state is not None:
             if state.cache.capacity >= needed:
                 return state
@@ -103,18 +103,21 @@ class Proposer:
         if key is None:
             self.released.append(state)
             return
-        if key in self.kept:
-            self.released.append(self.kept[key])
-        self.kept[key] = state
+        if key in self.by_key:
+            self.released.append(self.by_key[key])
+        self.by_key[key] = state
 
     def reusable(self, key: int, prompt_tokens: list[int], kept: int) -> int:
         """How many of the `kept` prompt tokens (a prefix the target holds from an earlier
         request in slot `key`) the state under key has seen: their features are known, so
         the draft need not be given them again."""
-        state = self.kept.get(key)
+        state = self.by_key.get(key)
         if state is None:
             return 0
-        return min(kept, common_prefix(state.seen_tokens, prompt_tokens))
+        seen, shared = state.seen_tokens, 0
+        while shared < min(kept, len(seen)) and seen[shared] == prompt_tokens[shared]:
+            shared += 1
+        return shared
 
     @torch.inference_mode()
     def warm_up(self, count: int, capacity: int) -> None:
@@ -297,8 +300,3 @@ class Proposer:
         """hidden [P, H] → target token ids and log-probs of the top_k, each [P, k]."""
         tokens, log_probs = top_children(self.model, hidden, self.shape.top_k)
         return tokens.cpu().numpy(), log_probs.cpu().numpy()
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
-                min(len(a), len(b)))

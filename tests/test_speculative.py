@@ -219,7 +219,7 @@ def test_the_next_chat_turn_reuses_the_kept_prefix_with_a_draft(f16_model, targe
         assert len(second.draft_state.pending_tokens) == len(prompt) - kept_pairs
         while not second.is_finished:
             engine.step()
-        proposer.kept.clear()  # the draft forgot the slot: the target must read it all again
+        proposer.by_key.clear()  # the draft forgot the slot: the target must read it all again
         third = Sequence(prompt, SamplingParams(temperature=0), 48, [],
                          sink=lambda event: None)
         engine.submit(third)
