@@ -2,7 +2,7 @@
 # The README's GPU-machine results in one run: the CUDA tests, HumanEval throughput for the
 # F16 copy and the Q4_1 default (there `dovetail serve`'s default, --draft auto, drafts with
 # the shipped draft on the GPU), and the cost profiles (the target's T_V(k), the draft's
-# time per tree level on the GPU).
+# time per tree level on the GPU, and the operations that take a tree's time).
 #
 #   bash scripts/gpu_results.sh [OUT]        # OUT: results-gpu/ unless given
 #
@@ -62,7 +62,7 @@ step throughput-f16 "$PYTHON" scripts/humaneval_throughput.py "${MODEL_ARGS[@]}"
 # shellcheck disable=SC2086
 step throughput-q4 "$PYTHON" scripts/humaneval_throughput.py "${MODEL_ARGS[@]}" \
     --count "$COUNT" --check --systems $SYSTEMS --out "$OUT/humaneval_throughput"
-step profile "$PYTHON" scripts/profile_costs.py "${MODEL_ARGS[@]}" --draft shipped \
+step profile "$PYTHON" scripts/profile_costs.py "${MODEL_ARGS[@]}" --draft shipped --trace \
     --max-k 32 --out "$OUT/cost_profile"
 
 for table in "$OUT"/*.md; do

@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--draft", default=None, help="a draft checkpoint folder or 'shipped'")
     parser.add_argument("--draft-device", default="auto")
     parser.add_argument("--draft-top-k", type=int, default=10, help="nodes per tree level")
+    parser.add_argument("--trace", action="store_true",
+                        help="with --draft: print where one tree's time goes, by operation "
+                        "(torch.profiler), host-driven and grown on the device")
     parser.add_argument("--random-7b", type=Path, default=None,
                         help="LLaMA-2-7B-shaped random GGUF to time (written if missing)")
     parser.add_argument("--out", type=Path, default=Path("cost_profile"),
@@ -107,7 +110,7 @@ def draft_level_seconds(net, top_k: int, context: int, repeats: int) -> float:
 
 
 def draft_tree_seconds(net, top_k: int, context: int, repeats: int,
-                       device_growth: bool) -> float:
+                       device_growth: bool, trace: bool = False) -> float:
     """Median time of a whole tree (depth 7, 16 tokens: catch-up of one accepted token, all
     levels, the tree back on the host), levels driven from the host or grown on the device
     (draft_model/device_growth.py: a CUDA graph on CUDA)."""
@@ -117,7 +120,7 @@ def draft_tree_seconds(net, top_k: int, context: int, repeats: int,
     proposer = Proposer(net, TreeShape(top_k=top_k, depth=7, total_tokens=16),
                         device_growth=device_growth)
     rng = np.random.default_rng(0)
-    state = proposer.new_state(context + repeats + 8)
+    state = proposer.new_state(context + repeats + 16)  # rounds, and one to trace
     proposer.begin(state, rng.integers(0, 1000, context).tolist(),
                    rng.standard_normal((context, hidden)).astype(np.float32), 1)
     times = []
@@ -127,7 +130,24 @@ def draft_tree_seconds(net, top_k: int, context: int, repeats: int,
         proposer.propose(state, 1)
         times.append(time.perf_counter() - started)
         proposer.commit(state, rng.standard_normal((1, hidden)).astype(np.float32), [1])
+    if trace:
+        print_trace(lambda: proposer.propose(state, 1), net.embedding.device,
+                    "host-driven levels" if not device_growth else "grown on the device")
     return float(np.median(times[2:]))
+
+
+def print_trace(work, device, title: str) -> None:
+    """The operations that took the time of one call of work, by host and device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as run:
+        work()
+        synchronize(device)
+    print(f"one tree, {title}:")
+    print(run.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def projection(costs: VerifyCosts, level_seconds: float, taus: np.ndarray, k: int,
@@ -149,7 +169,7 @@ def main(argv=None) -> None:
         net = load_draft(args.draft, model, args.draft_device)
         level = draft_level_seconds(net, args.draft_top_k, args.context, args.repeats)
         trees = {mode: draft_tree_seconds(net, args.draft_top_k, args.context, args.repeats,
-                                          device_growth=mode == "device")
+                                          device_growth=mode == "device", trace=args.trace)
                  for mode in ("host", "device")}
         report["draft"] = {"checkpoint": args.draft, "device": str(net.embedding.device),
                            "nodes_per_level": args.draft_top_k, "level_seconds": level,

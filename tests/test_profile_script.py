@@ -58,3 +58,22 @@ def test_profile_script_reports_and_projects(tmp_path):
     assert "| small.gguf |" in out.with_suffix(".md").read_text()
     for suffix in ("_verify.png", "_projection_7b.png"):
         assert (tmp_path / ("profile" + suffix)).stat().st_size > 1000
+
+
+def test_profile_script_times_the_draft_and_traces_a_tree(tmp_path, capsys, default_model):
+    out = tmp_path / "profile"
+    argv = sys.argv
+    sys.argv = [str(SCRIPT), "--model", str(default_model), "--max-k", "2", "--repeats", "1",
+                "--context", "16", "--threads", "1", "--draft", "shipped", "--draft-top-k", "2",
+                "--trace", "--out", str(out)]
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    finally:
+        sys.argv = argv
+    draft = json.loads(out.with_suffix(".json").read_text())["draft"]
+    assert draft["level_seconds"] > 0 and min(draft["tree_seconds"].values()) > 0
+    printed = capsys.readouterr().out
+    for title in ("one tree, host-driven levels:", "one tree, grown on the device:"):
+        assert title in printed
+    assert "aten::" in printed  # operations by time
+
