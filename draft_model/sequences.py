@@ -87,6 +87,15 @@ class SequenceSet:
         """How often each token occurs where the mask is on (for a reduced draft head)."""
         return np.bincount(self.tokens[self.mask.astype(bool)], minlength=vocab_size)
 
+    @classmethod
+    def concatenate(cls, sets: Iterable[SequenceSet]) -> SequenceSet:
+        """The sequences of several sets, one after another."""
+        sets = list(sets)
+        lengths = np.concatenate([s.lengths for s in sets] + [np.zeros(0, np.int64)])
+        return cls(np.concatenate([s.tokens for s in sets] + [np.zeros(0, np.int32)]),
+                   np.concatenate([s.mask for s in sets] + [np.zeros(0, np.uint8)]),
+                   np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
     def subset(self, indices: Iterable[int]) -> SequenceSet:
         return SequenceSet.from_lists((list(t), list(m)) for t, m in (self[i] for i in indices))
 

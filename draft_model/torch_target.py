@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from time import perf_counter
 
 import gguf
 import numpy as np
@@ -200,18 +201,27 @@ class TorchFeatureSource:
             results.extend(features[row, :len(s)] for row, s in enumerate(group))
         return results
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int,
-                 stop_tokens: set[int]) -> list[list[int]]:
-        """Greedy answers only, in batches of similar-length prompts."""
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_tokens: set[int],
+                 max_seconds: float | None = None) -> list[list[int] | None]:
+        """Greedy answers only, in batches of similar-length prompts. With max_seconds, the
+        batches run in a seeded random order (so prompts of every length get answers) and
+        none starts after that time; the prompts left unanswered come back as None."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        answers: list[list[int]] = []
-        groups = list(_groups([prompts[i] for i in order], self.batch_tokens,
-                              extra=max_new_tokens))
+        groups, start = [], 0
+        for group in _groups([prompts[i] for i in order], self.batch_tokens, max_new_tokens):
+            groups.append(order[start:start + len(group)])
+            start += len(group)
+        if max_seconds is not None:
+            np.random.default_rng(0).shuffle(groups)
+        by_prompt: list[list[int] | None] = [None] * len(prompts)
+        started = perf_counter()
         for group in tqdm(groups, desc="generate", unit="batch", dynamic_ncols=True):
-            answers.extend(self.target.generate_greedy(group, max_new_tokens, stop_tokens))
-        by_prompt: list[list[int]] = [[] for _ in prompts]
-        for index, answer in zip(order, answers, strict=True):
-            by_prompt[index] = answer
+            if max_seconds is not None and perf_counter() - started > max_seconds:
+                break
+            answers = self.target.generate_greedy([prompts[i] for i in group], max_new_tokens,
+                                                  stop_tokens)
+            for index, answer in zip(group, answers, strict=True):
+                by_prompt[index] = answer
         return by_prompt
 
     def answer(self, prompts: list[list[int]], max_new_tokens: int,

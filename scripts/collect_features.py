@@ -7,10 +7,12 @@
   --backend llama-cpp    the serving target on the CPU (default)
   --backend torch        the same GGUF in PyTorch (draft_model/torch_target.py), e.g. on a GPU
   --tokens-only          write {split}.npz token sets without features (training then
-                         computes features on the fly with the PyTorch target)
+                         computes features on the fly with the PyTorch target);
+                         --max-minutes bounds the time, e.g. on a lent GPU
   --prompts-only         write the rendered prompts as {split}.npz, and HumanEval's as
                          humaneval.npz (evaluation only), to carry to another machine;
-                         --from-prompts DIR answers those instead of ShareGPT
+                         --from-prompts DIR [DIR ...] answers those instead of ShareGPT
+                         (several: each prompt once)
 
 Output: {split}-NNNNN.npz feature shards for split = heldout, train (a fixed split by
 conversation id). Rerunning resumes: shards that exist are skipped.
@@ -49,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=("llama-cpp", "torch"), default="llama-cpp")
     parser.add_argument("--model", type=Path, default=None, help="target GGUF (default model)")
     parser.add_argument("--sharegpt", type=Path, default=None, help="ShareGPT JSON file")
-    parser.add_argument("--from-prompts", type=Path, default=None)
+    parser.add_argument("--from-prompts", type=Path, nargs="+", default=None)
     parser.add_argument("--prompts-only", action="store_true")
     parser.add_argument("--tokens-only", action="store_true")
     parser.add_argument("--sharegpt-limit", type=int, default=0,
@@ -73,7 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: all)")
     parser.add_argument("--device", default="auto", help="torch backend device")
     parser.add_argument("--batch-tokens", type=int, default=65536, help="torch backend batch")
-    return parser.parse_args(argv)
+    parser.add_argument("--max-minutes", type=float, default=0,
+                        help="--tokens-only: no new batch of prompts starts after this long; "
+                             "the split keeps the prompts answered by then (0: no limit)")
+    args = parser.parse_args(argv)
+    if args.max_minutes and not args.tokens_only:
+        parser.error("--max-minutes bounds --tokens-only generation only")
+    return args
 
 
 def model_path(args) -> Path:
@@ -145,7 +153,7 @@ def main(argv=None) -> None:
     needs_chat = not prompts_given or args.backend == "llama-cpp"  # llama.cpp is the target
     target, render, encode, stops = load_chat(args) if needs_chat else (None, None, None, None)
     if prompts_given:
-        stops = set(np.load(args.from_prompts / "stop_tokens.npy").tolist())
+        stops = set(np.load(args.from_prompts[0] / "stop_tokens.npy").tolist())
     if args.prompts_only:
         np.save(args.out / "stop_tokens.npy", np.array(sorted(stops), dtype=np.int64))
         prompts = [encode(render(humaneval_messages(p), True)) for p in humaneval_problems()]
@@ -156,9 +164,8 @@ def main(argv=None) -> None:
 
     for split in SPLITS:
         if prompts_given:
-            prompt_set = SequenceSet.load(args.from_prompts / f"{split}.npz")
             limit = args.heldout_limit if split == "heldout" else args.limit
-            items = [list(map(int, t)) for t, _ in prompt_set][:limit or None]
+            items = given_prompts(args.from_prompts, split)[:limit or None]
         elif args.source == "self-distill" or args.prompts_only:
             items = prompt_tokens(args, split, render, encode)
         else:
@@ -180,19 +187,30 @@ def main(argv=None) -> None:
             write_shards(args, source, stops, split, items)
 
 
+def given_prompts(directories: list[Path], split: str) -> list[list[int]]:
+    """The split's prompts from each --prompts-only directory in turn, each prompt once."""
+    prompts = {}
+    for directory in directories:
+        for tokens, _ in SequenceSet.load(directory / f"{split}.npz"):
+            prompts.setdefault(tuple(tokens.tolist()), None)
+    return [list(tokens) for tokens in prompts]
+
+
 def write_token_set(args, source, stops, split: str, prompts: list[list[int]]) -> None:
     path = args.out / f"{split}.npz"
     if path.exists():
         print(f"{split}: {path} exists, skipped")
         return
     start = time.perf_counter()
-    answers = source.generate(prompts, args.max_new_tokens, stops)
+    answers = source.generate(prompts, args.max_new_tokens, stops,
+                              max_seconds=args.max_minutes * 60 or None)
     sequences = SequenceSet.from_lists((p + a, [0] * len(p) + [1] * len(a))
-                                       for p, a in zip(prompts, answers, strict=True))
+                                       for p, a in zip(prompts, answers, strict=True)
+                                       if a is not None)
     sequences.save(path)
     seconds = time.perf_counter() - start
-    print(f"{split}: {len(prompts)} answers, {sequences.num_trained_tokens} answer tokens "
-          f"in {seconds:.0f} s → {path}")
+    print(f"{split}: {len(sequences)} of {len(prompts)} prompts answered, "
+          f"{sequences.num_trained_tokens} answer tokens in {seconds:.0f} s → {path}")
 
 
 def write_shards(args, source, stops, split: str, items: list) -> None:

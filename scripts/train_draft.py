@@ -2,8 +2,9 @@
 
 Data (one of):
   --features DIR   feature shards from collect_features.py (train-NNNNN.npz)
-  --tokens FILE    a token set (train.npz) from collect_features.py --tokens-only; the
-                   target's features are computed on the fly by the PyTorch port of the GGUF
+  --tokens FILE..  token sets (train.npz) from collect_features.py --tokens-only, trained
+                   as one; the target's features are computed on the fly by the PyTorch
+                   port of the GGUF
 Evaluation: --eval-prompts DIR (heldout.npz, humaneval.npz from --prompts-only): the target
 answers them greedily once; τ and per-position acceptance are measured by replaying the
 proposer (chain and tree) against those answers, periodically and at the end.
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--features", type=Path)
-    data.add_argument("--tokens", type=Path)
+    data.add_argument("--tokens", type=Path, nargs="+")
     data.add_argument("--evaluate-only", type=Path, default=None, metavar="DRAFT")
     parser.add_argument("--eval-prompts", type=Path, default=None)
     parser.add_argument("--eval-backend", choices=("auto", "llama-cpp", "torch"), default="auto",
@@ -225,7 +226,7 @@ def main(argv=None) -> None:
         shard = load_split(args.features, "train")
         sequences = shard.sequences
     else:
-        sequences = SequenceSet.load(args.tokens)
+        sequences = SequenceSet.concatenate(SequenceSet.load(path) for path in args.tokens)
     print(f"training data: {len(sequences)} sequences, {sequences.num_trained_tokens} "
           f"trained tokens")
 
@@ -273,8 +274,9 @@ def main(argv=None) -> None:
         save_checkpoint(model, weights.info, out / "draft", training={
             "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
             "train_seconds": round(trainer.seconds, 1), "device": str(device),
-            "data": str(args.features or args.tokens),
-            "arguments": {k: str(v) for k, v in vars(args).items()}})
+            "data": str(args.features or " ".join(map(str, args.tokens))),
+            "arguments": {k: " ".join(map(str, v)) if isinstance(v, list) else str(v)
+                          for k, v in vars(args).items()}})
 
     shapes = tuple(args.eval_shapes.split(","))
     limits = RunLimits(max_steps=args.max_steps, max_tokens=args.max_tokens,

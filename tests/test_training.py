@@ -184,6 +184,11 @@ def test_sequence_sets_round_trip_and_batch_every_trained_sequence_once(tmp_path
         seen.extend(group)
     learnable = [i for i, (t, m) in enumerate(lists) if any(m[1:50])]
     assert sorted(seen) == learnable
+    # several sets train as one: every sequence of each, in order
+    halves = SequenceSet.concatenate([SequenceSet.from_lists(lists[:15]),
+                                      SequenceSet.from_lists(lists[15:])])
+    assert [(t.tolist(), m.tolist()) for t, m in halves] == [tuple(x) for x in lists]
+    assert halves.num_trained_tokens == loaded.num_trained_tokens
 
 
 def synthetic_batch(batch=2, length=9, seed=0) -> Batch:

@@ -3,6 +3,7 @@ the training and evaluation scripts, and the shipped draft."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -11,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+import draft_model.torch_target as torch_target_module
 from draft_model.checkpoint import load_checkpoint, read_checkpoint_config
 from draft_model.features import FeatureShard, load_split, shard_paths
 from draft_model.proposer import Proposer, TreeShape
 from draft_model.sequences import SequenceSet
 from draft_model.shipped import SHIPPED_DRAFT
 from draft_model.target_weights import read_target_weights
-from draft_model.torch_target import TorchTarget
+from draft_model.torch_target import TorchFeatureSource, TorchTarget
 from server.engine import Engine
 from server.sequence import Sequence
 from tests.conftest import NUM_THREADS, make_target
@@ -90,6 +92,27 @@ def test_batched_left_padded_generation_equals_generating_alone(q4_target, torch
     alone = [torch_target.generate_greedy([p], 40, stop)[0] for p in prompts]
     assert together == alone
     assert any(len(answer) < 40 and answer[-1] in stop for answer in together)
+
+
+def test_a_time_limit_keeps_the_batches_answered_in_time(q4_target, torch_target, monkeypatch):
+    prompts = [chat_tokens(q4_target, text) for text in PROMPTS * 2]
+    stop = {q4_target.tokenizer.encode("<|im_end|>")[0]}
+    width = max(map(len, prompts)) + 8
+    source = TorchFeatureSource(torch_target, batch_tokens=2 * width)  # 2 prompts a batch
+    everything = source.generate(prompts, 8, stop)
+    assert source.generate(prompts, 8, stop, max_seconds=1e6) == everything
+    clock = itertools.count()  # each reading of the clock is one second later
+    monkeypatch.setattr(torch_target_module, "perf_counter", lambda: next(clock))
+    limited = source.generate(prompts, 8, stop, max_seconds=2.5)
+    answered = [i for i, answer in enumerate(limited) if answer is not None]
+    assert len(answered) == 4  # batches start at 1 s and 2 s, not at 3 s
+    assert all(limited[i] == everything[i] for i in answered)
+
+
+def test_collection_refuses_a_time_limit_it_cannot_keep(tmp_path):
+    result = subprocess.run([sys.executable, "scripts/collect_features.py", "--out",
+                             str(tmp_path), "--max-minutes", "1"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--tokens-only" in result.stderr
 
 
 def write_sharegpt(path, count=4):
@@ -273,11 +296,18 @@ def test_the_shipped_draft_fits_the_default_model_and_is_accepted(default_model)
 def test_tokens_only_sets_train_with_features_from_the_port(collected, tmp_path, default_model):
     prompts = SequenceSet.load(collected / "prompts" / "train.npz")
     assert len(prompts) >= 1 and not prompts.mask.any()
+    # a second prompt set: one prompt of the first again, and one new
+    more = tmp_path / "more"
+    more.mkdir()
+    for split in ("heldout", "train"):
+        first = SequenceSet.load(collected / "prompts" / f"{split}.npz")[0][0].tolist()
+        SequenceSet.from_lists([(first, [0] * len(first)), (first[:-1], [0] * (len(first) - 1))]
+                               ).save(more / f"{split}.npz")
     run_script("scripts/collect_features.py", "--out", str(tmp_path / "tokens"),
-               "--from-prompts", str(collected / "prompts"), "--backend", "torch",
+               "--from-prompts", str(collected / "prompts"), str(more), "--backend", "torch",
                "--tokens-only", "--max-new-tokens", "6", "--device", "cpu")
     answers = SequenceSet.load(tmp_path / "tokens" / "train.npz")
-    assert len(answers) == len(prompts)
+    assert len(answers) == len(prompts) + 1  # each prompt once
     assert all(0 < int(m.sum()) <= 6 for _, m in answers)
     run_script("scripts/train_draft.py", "--out", str(tmp_path / "run"), "--tokens",
                str(tmp_path / "tokens" / "train.npz"), "--layers", "1", "--max-steps", "2",
@@ -291,6 +321,7 @@ def test_tokens_only_sets_train_with_features_from_the_port(collected, tmp_path,
     config, _, training = read_checkpoint_config(tmp_path / "tuned" / "draft")
     assert (config.fusion, config.num_layers, training["steps"]) == ("concat", 1, 1)
     assert training["arguments"]["init_from"] == str(tmp_path / "run" / "draft")
+    assert training["arguments"]["tokens"] == str(tmp_path / "tokens" / "train.npz")
     weights = read_target_weights(default_model)
     start, tuned = (load_checkpoint(tmp_path / name / "draft", weights).state_dict()
                     for name in ("run", "tuned"))
