@@ -112,7 +112,10 @@ class ServerSystem:
                 "drafts": grew.get("dovetail:spec_decode_num_drafts_total", 0.0),
                 "accepted_per_position": per_position,
                 "draft_seconds": grew.get("dovetail:spec_decode_draft_seconds_total", 0.0),
-                "verify_seconds": grew.get("dovetail:spec_decode_verify_seconds_total", 0.0)}
+                "verify_seconds": grew.get("dovetail:spec_decode_verify_seconds_total", 0.0),
+                "prompt_seconds": grew.get("dovetail:prompt_seconds_total", 0.0),
+                "draft_start_seconds": grew.get(
+                    "dovetail:spec_decode_draft_start_seconds_total", 0.0)}
 
     def close(self) -> None:
         self.client.close()
@@ -200,6 +203,11 @@ def summarise(name: str, rows: list[dict], baseline: list[dict] | None) -> dict:
             for p in positions} if drafts else {}
         summary["draft_seconds"] = sum(r["draft_seconds"] for r in rows)
         summary["verify_seconds"] = sum(r["verify_seconds"] for r in rows)
+        # the server's share of the time to first token: the target reading the prompt,
+        # then the draft taking it in (medians per request)
+        summary["median_prompt_s"] = statistics.median(r["prompt_seconds"] for r in rows)
+        summary["median_draft_start_s"] = statistics.median(r["draft_start_seconds"]
+                                                            for r in rows)
     if "passed" in rows[0]:
         summary["pass_at_1"] = sum(r["passed"] for r in rows) / len(rows)
     return summary

@@ -236,6 +236,8 @@ class Engine:
         seconds = time.perf_counter() - started
         if self.metrics is not None and trees:
             self.metrics.observe_verify(seconds)
+        if self.metrics is not None and chunks:
+            self.metrics.observe_prompt(seconds)
         if trees and not chunks and self.budget is not None \
                 and isinstance(self.budget.costs, LiveCosts):
             self.budget.costs.observe(sum(len(tree.tokens) for _, tree in trees), seconds)
@@ -254,6 +256,7 @@ class Engine:
         token = choose_token(output.last_logits, sequence.params, sequence.token_counts,
                              sequence.rng)
         if self.proposer is not None:
+            started = time.perf_counter()
             # sized for the longest request, so that every state can serve any request
             capacity = max(self.target.config.ctx_size,
                            len(sequence.prompt_tokens) + sequence.max_new_tokens) + 1
@@ -262,6 +265,8 @@ class Engine:
                                 np.concatenate(sequence.prompt_features), token)
             self._launch(sequence)
             sequence.prompt_features.clear()
+            if self.metrics is not None:
+                self.metrics.observe_draft_start(time.perf_counter() - started)
         sequence.record_step(num_drafted=0, num_accepted=0)
         sequence.root_token = token
         sequence.add_token(token, self.tokenizer)

@@ -74,6 +74,22 @@ class Metrics:
                                       "Time spent in target decodes that verified trees "
                                       "(one decode serves all running requests)",
                                       registry=registry)
+        # where a first token's time goes: the target reading the prompt, then the draft
+        self.prompt_seconds = Counter(prefix + "prompt_seconds",
+                                      "Time spent in target decodes that read prompt tokens "
+                                      "(one decode serves all running requests)",
+                                      registry=registry)
+        self.draft_start_seconds = Counter(prefix + "spec_decode_draft_start_seconds",
+                                           "Time the draft took to take in prompts before "
+                                           "their first tokens", registry=registry)
+
+    def observe_prompt(self, seconds: float) -> None:
+        """One target decode that read prompt tokens (it may have verified trees too)."""
+        self.prompt_seconds.inc(seconds)
+
+    def observe_draft_start(self, seconds: float) -> None:
+        """A draft read a prompt's features, before that request's first token."""
+        self.draft_start_seconds.inc(seconds)
 
     def observe_verify(self, seconds: float) -> None:
         """One target decode that verified the trees of all decoding sequences."""

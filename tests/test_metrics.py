@@ -68,6 +68,8 @@ def test_metrics_count_tokens_requests_and_speculation(busy_server):
     assert all(value <= first for value in per_position.values())
     assert grew("dovetail:spec_decode_draft_seconds_total") > 0
     assert grew("dovetail:spec_decode_verify_seconds_total") > 0
+    assert grew("dovetail:prompt_seconds_total") > 0
+    assert grew("dovetail:spec_decode_draft_start_seconds_total") > 0
     assert grew("dovetail:time_to_first_token_seconds_count") == 1
     assert grew("dovetail:e2e_request_latency_seconds_count") == 1
     assert grew('dovetail:requests_total{route="/v1/chat/completions",status="200"}') == 1

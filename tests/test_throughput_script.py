@@ -39,6 +39,12 @@ def test_report_covers_every_system_and_problem(report):
     assert by_name["llama-cpp"]["speedup_total"] == pytest.approx(1.0)
     assert by_name["dovetail-plain"]["tau"] == pytest.approx(1.0, abs=0.1)
     assert by_name["dovetail-plain"]["acceptance_rate"] is None
+    # the first token's time, split: the target read every prompt; only a proposer takes
+    # the prompt in afterwards
+    assert by_name["dovetail"]["median_prompt_s"] > 0
+    assert by_name["dovetail-plain"]["median_prompt_s"] > 0
+    assert by_name["dovetail"]["median_draft_start_s"] > 0
+    assert by_name["dovetail-plain"]["median_draft_start_s"] == 0
     # plain decoding of the same model says what llama-cpp-python says
     assert by_name["dovetail-plain"]["same_text_as_llama_cpp"] == 2
     for s in data["summary"]:
