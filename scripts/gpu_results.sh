@@ -9,7 +9,9 @@
 # Environment: PYTHON (python3), COUNT (40 HumanEval problems), SYSTEMS (the throughput
 # script's systems; llama-cpp-lookup is left out by default: it only costs time), MODEL
 # (the default model's GGUF unless given), STEPS (which of the steps run; default: all,
-# tests-cuda throughput-f16 throughput-q4 profile). Each step's output goes to
+# tests-cuda throughput-f16 throughput-q4 profile), SERVE_ARGS (more `dovetail serve`
+# flags for the speculative system, e.g. "--draft runs/new/draft"; the profile step then
+# times that draft too). Each step's output goes to
 # OUT/<step>.log; a failing step is reported and the others still run. Needs the project
 # importable (installed, or on PYTHONPATH) and, for the tests, pytest.
 set -uo pipefail
@@ -19,6 +21,9 @@ PYTHON=${PYTHON:-python3}
 COUNT=${COUNT:-40}
 SYSTEMS=${SYSTEMS:-dovetail dovetail-plain llama-cpp}
 STEPS=" ${STEPS:-tests-cuda throughput-f16 throughput-q4 profile} "
+SERVE_ARGS=${SERVE_ARGS:-}
+DRAFT=shipped
+if [[ "$SERVE_ARGS" =~ --draft[=[:space:]]+([^[:space:]]+) ]]; then DRAFT=${BASH_REMATCH[1]}; fi
 MODEL_ARGS=()
 if [[ -n "${MODEL:-}" ]]; then MODEL_ARGS=(--model "$MODEL"); fi
 mkdir -p "$OUT"
@@ -58,11 +63,13 @@ else
 fi
 # shellcheck disable=SC2086
 step throughput-f16 "$PYTHON" scripts/humaneval_throughput.py "${MODEL_ARGS[@]}" --f16 \
-    --count "$COUNT" --check --systems $SYSTEMS --out "$OUT/humaneval_throughput_f16"
+    --count "$COUNT" --check --systems $SYSTEMS --serve-args="$SERVE_ARGS" \
+    --out "$OUT/humaneval_throughput_f16"
 # shellcheck disable=SC2086
 step throughput-q4 "$PYTHON" scripts/humaneval_throughput.py "${MODEL_ARGS[@]}" \
-    --count "$COUNT" --check --systems $SYSTEMS --out "$OUT/humaneval_throughput"
-step profile "$PYTHON" scripts/profile_costs.py "${MODEL_ARGS[@]}" --draft shipped --trace \
+    --count "$COUNT" --check --systems $SYSTEMS --serve-args="$SERVE_ARGS" \
+    --out "$OUT/humaneval_throughput"
+step profile "$PYTHON" scripts/profile_costs.py "${MODEL_ARGS[@]}" --draft "$DRAFT" --trace \
     --max-k 32 --out "$OUT/cost_profile"
 
 for table in "$OUT"/*.md; do
