@@ -80,15 +80,16 @@ class Metrics:
                                       "(one decode serves all running requests)",
                                       registry=registry)
         self.draft_start_seconds = Counter(prefix + "spec_decode_draft_start_seconds",
-                                           "Time the draft took to take in prompts before "
-                                           "their first tokens", registry=registry)
+                                           "Time the proposer took to take in prompts "
+                                           "before their first tokens", registry=registry)
 
     def observe_prompt(self, seconds: float) -> None:
         """One target decode that read prompt tokens (it may have verified trees too)."""
         self.prompt_seconds.inc(seconds)
 
     def observe_draft_start(self, seconds: float) -> None:
-        """A draft read a prompt's features, before that request's first token."""
+        """The proposer took in a prompt (a draft model: its features) before that
+        request's first token."""
         self.draft_start_seconds.inc(seconds)
 
     def observe_verify(self, seconds: float) -> None:
