@@ -3,13 +3,16 @@
 `Proposer._grow` drives the levels from the host: per level it builds the attention mask in
 numpy, copies it over, and reads the top-k back to choose the next frontier — a round trip
 and a handful of small launches per level, which on a GPU cost more than the level's
-arithmetic. Here everything after the catch-up stays on the device: each level's frontier
-(the best top_k of its k × k children by cumulative log-probability), the masks (an
-ancestor-slot row per frontier node), the cache slots and positions. Every level has the
-same shapes (k rows attending over the whole cache, masked), so on CUDA the growth of a
-sequence is captured once as a CUDA graph and each tree is one replay and one copy of its
-candidates into pinned host memory, started without waiting (`start`) and collected when
-the tree is needed (`collect`). On a CPU the same code runs eagerly (tests use it).
+arithmetic. Here the catch-up on the pairs the target accepted last step and the whole
+growth stay on the device: each level's frontier (the best top_k of its k × k children by
+cumulative log-probability), the masks (an ancestor-slot row per frontier node), the cache
+slots and positions. The catch-up always runs `max_pending` rows (the accepted pairs, then
+padding whose keys land in scratch slots no mask lets anyone see), and every level has the
+same shapes (k rows attending over the whole cache, masked), so on CUDA a sequence's
+catch-up and growth are captured once as one CUDA graph: each tree is two copies in from
+pinned host memory, one replay and one copy of its candidates back into pinned memory,
+started without waiting (`start`) and collected when the tree is needed (`collect`). On a
+CPU the same code runs eagerly (tests use it).
 
 Outputs, for levels 1…depth: the children's tokens and log-probs [depth, k, k] (level 1
 uses row 0: the root's children) and `chosen` [depth, k], each level's frontier as flat
@@ -32,12 +35,17 @@ log = logging.getLogger("dovetail.draft")
 
 class DeviceGrowth:
     def __init__(self, model: DraftModel, cache: KVCache, top_k: int, depth: int,
-                 use_graph: bool) -> None:
+                 max_pending: int, use_graph: bool) -> None:
         self.model, self.cache = model, cache
         self.top_k, self.depth = top_k, depth
-        device, dtype = cache.keys.device, cache.keys.dtype
-        self.root_hidden = torch.zeros(model.config.hidden_size, device=device, dtype=dtype)
-        self.committed = torch.ones((), dtype=torch.long, device=device)
+        self.max_pending = max_pending  # pairs one catch-up takes (more: see Proposer.launch)
+        device = cache.keys.device
+        hidden_size = model.config.hidden_size
+        # The pending pairs' features; their tokens, then the first cache slot they go to
+        # and their count (an index to a 0-dim host scalar would sync, so it is all here).
+        self.features = torch.zeros(max_pending, hidden_size, device=device)
+        self.ints = torch.zeros(max_pending + 2, dtype=torch.long, device=device)
+        self.ints[-1] = 1
         self.child_tokens = torch.zeros(depth, top_k, top_k, dtype=torch.long, device=device)
         self.child_log_probs = torch.zeros(depth, top_k, top_k, device=device)
         self.chosen = torch.zeros(depth, top_k, dtype=torch.long, device=device)
@@ -51,29 +59,41 @@ class DeviceGrowth:
             self.host = (torch.empty(self.child_tokens.shape, dtype=torch.long, **pinned),
                          torch.empty(self.child_log_probs.shape, **pinned),
                          torch.empty(self.chosen.shape, dtype=torch.long, **pinned))
+            self.staged_features = torch.zeros(self.features.shape, **pinned)
+            self.staged_ints = torch.zeros(self.ints.shape, dtype=torch.long, **pinned)
             self.done = torch.cuda.Event()
 
-    def start(self, root_hidden: torch.Tensor, committed: int) -> None:
-        """Queue the growth below root_hidden [H] (it predicts the root's children);
-        `committed` cache slots hold committed pairs. On CUDA this returns at once: the
-        replay and the copies into pinned memory run while the host goes on; `collect`
-        waits for them."""
-        self.root_hidden.copy_(root_hidden)
-        self.committed.fill_(committed)
-        if not self.use_graph:
-            self._levels()
-            self.outputs = (self.child_tokens.cpu(), self.child_log_probs.cpu(),
-                            self.chosen.cpu())
+    def start(self, features: np.ndarray, tokens: list[int], start: int) -> None:
+        """Queue the catch-up on pending pairs — features [c, H] of the target and the
+        tokens after them, c ≤ max_pending, going to cache slots start… — and the growth
+        below the last one's output (which predicts the root's children). On CUDA this
+        returns at once: the copies in, the replay and the copies out run while the host
+        goes on; `collect` waits for them."""
+        count = len(tokens)
+        if not 0 < count <= self.max_pending or len(features) != count:
+            raise ValueError(f"{count} pending pairs for a catch-up of 1..{self.max_pending}")
+        if self.graph is not None:  # captured: through pinned memory, without waiting
+            self.done.synchronize()  # the staging buffers may still feed the last copy in
+            self.staged_features[:count] = torch.from_numpy(features)
+            ints = self.staged_ints.numpy()
+            ints[:count], ints[-2], ints[-1] = tokens, start, count
+            self.features.copy_(self.staged_features, non_blocking=True)
+            self.ints.copy_(self.staged_ints, non_blocking=True)
+        else:  # before the capture too: its warm-up runs must see this catch-up's pairs
+            self.features[:count] = torch.from_numpy(features).to(self.features.device)
+            self.ints[:count] = torch.tensor(tokens)
+            self.ints[-2], self.ints[-1] = start, count
+        if self.use_graph and self.prepare():
+            self.graph.replay()
+            for host, device in zip(self.host, (self.child_tokens, self.child_log_probs,
+                                                self.chosen), strict=True):
+                host.copy_(device, non_blocking=True)
+            self.done.record()
+            self.outputs = self.host
             return
-        if not self.prepare():
-            self.start(root_hidden, committed)  # eagerly, on the device
-            return
-        self.graph.replay()
-        for host, device in zip(self.host, (self.child_tokens, self.child_log_probs,
-                                            self.chosen), strict=True):
-            host.copy_(device, non_blocking=True)
-        self.done.record()
-        self.outputs = self.host
+        self._run()  # eagerly, on the device
+        self.outputs = (self.child_tokens.cpu(), self.child_log_probs.cpu(),
+                        self.chosen.cpu())
 
     def collect(self, builder: TreeBuilder) -> None:
         """Add the started growth's candidates to builder (waiting for the device)."""
@@ -112,33 +132,43 @@ class DeviceGrowth:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture (allocator, kernels)
             for _ in range(2):
-                self._levels()
+                self._run()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self._levels()
+            self._run()
 
     @torch.inference_mode()
-    def _levels(self) -> None:
-        """The whole growth in tensor operations of fixed shapes (capturable)."""
+    def _run(self) -> None:
+        """The catch-up and the whole growth in tensor operations of fixed shapes
+        (capturable)."""
         model, k = self.model, self.top_k
         capacity = self.cache.capacity
-        device = self.root_hidden.device
-        rows = torch.arange(k, device=device)
-        committed_slots = (torch.arange(capacity, device=device) < self.committed)[None]
+        device = self.features.device
+        start, count = self.ints[-2], self.ints[-1]
+        # The catch-up: row i is pair start + i, at that cache slot and position, and sees
+        # every slot up to its own. Padding rows (i ≥ count) write scratch slots only.
+        positions = start + torch.arange(self.max_pending, device=device)
+        sees = torch.arange(capacity, device=device)[None] <= positions[:, None]
+        hidden = model(self.features[None], self.ints[None, :-2], positions[None], self.cache,
+                       positions, sees)[0]
+        root_hidden = hidden.index_select(0, (count - 1)[None])  # [1, H]: the last pair's
+        committed = start + count
 
-        tokens, log_probs = self._top_children(self.root_hidden[None])  # [1, k] each
+        rows = torch.arange(k, device=device)
+        committed_slots = (torch.arange(capacity, device=device) < committed)[None]
+        tokens, log_probs = self._top_children(root_hidden)  # [1, k] each
         self.child_tokens[0, 0] = tokens[0]
         self.child_log_probs[0, 0] = log_probs[0]
         self.chosen[0] = rows  # topk is sorted: the root's children in order, best first
         scores, frontier_tokens = log_probs[0], tokens[0]
-        frontier_hidden = self.root_hidden.expand(k, -1)
+        frontier_hidden = root_hidden.expand(k, -1)
         ancestors = torch.zeros(k, capacity, dtype=torch.bool, device=device)
         for level in range(2, self.depth + 1):
-            slots = self.committed + (level - 2) * k + rows  # this level's scratch slots
+            slots = committed + (level - 2) * k + rows  # this level's scratch slots
             ancestors = ancestors.clone()
             ancestors.index_put_((rows, slots), self.true)  # sees itself and its ancestors
-            positions = (self.committed + level - 2).expand(1, k)
+            positions = (committed + level - 2).expand(1, k)
             outputs = model(frontier_hidden[None], frontier_tokens[None], positions,
                             self.cache, slots, ancestors | committed_slots)[0]  # [k, H]
             tokens, log_probs = self._top_children(outputs)  # [k, k] each

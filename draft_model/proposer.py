@@ -188,23 +188,51 @@ class Proposer:
         nothing to start early."""
         if not self.device_growth or (state.launched and not state.pending_tokens):
             return
-        hidden = self._catch_up_to_grow(state)
-        state.launched = hidden is not None
-        if hidden is None:
+        state.launched = False
+        if not state.pending_tokens:
             return
+        if not self._has_room(state):
+            self._catch_up(state)  # no tree: the pairs still go in
+            return
+        # a long backlog (a prompt, steps without a tree) goes in eagerly but its last pairs
+        excess = len(state.pending_tokens) - self._max_pending
+        if excess > 0:
+            self._catch_up(state, excess)
+        features = np.concatenate(state.pending_features)
         state.growth = self._growth_for(state)
-        state.growth.start(hidden, state.num_committed)
+        state.growth.start(features, state.pending_tokens, state.num_committed)
         if state.growth.capture_failed:
             self.use_graph = False
+        state.num_committed += len(state.pending_tokens)
+        state.pending_features.clear()
+        state.pending_tokens.clear()
+        state.launched = True
+
+    @property
+    def _max_pending(self) -> int:
+        """Pairs the device growth's own catch-up takes: a drafted step's accepted path and
+        bonus token fit (at most total_tokens), so only backlogs need an eager one."""
+        return max(self.shape.total_tokens, 1)
+
+    def _has_room(self, state: DraftState) -> bool:
+        """A tree can grow after the pending pairs: the graph's padded catch-up and the
+        scratch slots fit in the cache."""
+        shape, capacity = self.shape, state.cache.capacity
+        committed = state.num_committed + len(state.pending_tokens)
+        first_padded = committed - min(len(state.pending_tokens), self._max_pending)
+        return shape.total_tokens > 1 \
+            and committed + shape.max_scratch_slots + shape.depth <= capacity \
+            and first_padded + self._max_pending <= capacity
 
     def _growth_for(self, state: DraftState) -> DeviceGrowth:
         """The state's device growth (kept across sequences), made when it has none."""
         growth = state.growth
         if growth is None or growth.cache is not state.cache \
-                or (growth.top_k, growth.depth) != (self.shape.top_k, self._depth) \
+                or (growth.top_k, growth.depth, growth.max_pending) \
+                != (self.shape.top_k, self._depth, self._max_pending) \
                 or (growth.use_graph and not self.use_graph):
             growth = DeviceGrowth(self.model, state.cache, self.shape.top_k, self._depth,
-                                  use_graph=self.use_graph)
+                                  max_pending=self._max_pending, use_graph=self.use_graph)
         return growth
 
     @torch.inference_mode()
@@ -273,27 +301,28 @@ class Proposer:
             return None
         return hidden
 
-    def _catch_up(self, state: DraftState) -> torch.Tensor | None:
-        """Run the pending pairs through the draft into committed cache slots."""
+    def _catch_up(self, state: DraftState, count: int | None = None) -> torch.Tensor | None:
+        """Run the first `count` pending pairs (default: all) through the draft into
+        committed cache slots; the last one's output [H], or None."""
         if not state.pending_tokens:
             return None
         features = np.concatenate(state.pending_features)
-        count = len(state.pending_tokens)
+        count = len(state.pending_tokens) if count is None else count
         start = state.num_committed
         if start + count > state.cache.capacity:
             return None
-        feature_tensor = torch.from_numpy(features)
+        feature_tensor = torch.from_numpy(features[:count])
         if self.device.type == "cuda":  # pinned: an asynchronous copy
             feature_tensor = feature_tensor.pin_memory().to(self.device, non_blocking=True)
         feature_tensor = feature_tensor.to(self.device, self.dtype)[None]
-        tokens = torch.tensor([state.pending_tokens], device=self.device)
+        tokens = torch.tensor([state.pending_tokens[:count]], device=self.device)
         positions = torch.arange(start, start + count, device=self.device)[None]
         mask = torch.ones(count, start + count, dtype=torch.bool, device=self.device)
         mask[:, start:] = torch.tril(mask[:, start:])
         hidden = self.model(feature_tensor, tokens, positions, state.cache, positions[0], mask)
         state.num_committed = start + count
-        state.pending_features.clear()
-        state.pending_tokens.clear()
+        state.pending_features = [features[count:]] if count < len(features) else []
+        del state.pending_tokens[:count]
         return hidden[0, -1]
 
     def _top_children(self, hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

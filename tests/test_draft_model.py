@@ -199,6 +199,30 @@ def test_device_growth_grows_the_same_trees_as_host_growth(shape):
     assert_same_trees(host, early)
 
 
+def test_device_growth_takes_a_backlog_eagerly_but_its_last_pairs():
+    """The device growth's own catch-up takes at most total_tokens pairs (padded to that
+    many rows); a longer backlog — a prompt, or pairs left by steps without a tree — goes
+    in eagerly first. Same trees as the host loop either way, and the padding rows'
+    scratch writes must not leak into later trees."""
+    shape = TreeShape(top_k=2, depth=3, total_tokens=4)
+    model = tiny_model(num_layers=2)
+
+    def trees(device_growth: bool) -> list:
+        proposer = Proposer(model, shape, device_growth=device_growth)
+        rng = np.random.default_rng(3)
+        state = proposer.new_state(capacity=80)
+        prompt = [int(token) for token in rng.integers(VOCAB, size=11)]
+        proposer.begin(state, prompt, rng.standard_normal((11, HIDDEN)).astype(np.float32), 5)
+        assert len(state.pending_tokens) > proposer._max_pending == 4
+        grown, _ = run_steps(proposer, state, 5, steps=9, rng=rng, launch=device_growth,
+                             skip=(2, 3, 4, 6))  # three plain steps: a backlog of 5 pairs
+        return grown
+
+    host, device = trees(device_growth=False), trees(device_growth=True)
+    assert len({tuple(tree.tokens) for tree in host}) > 1
+    assert_same_trees(host, device)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_growth_equals_eager_growth():
     shape = TreeShape(top_k=4, depth=5, total_tokens=12)
