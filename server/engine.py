@@ -255,7 +255,12 @@ class Engine:
             return
         token = choose_token(output.last_logits, sequence.params, sequence.token_counts,
                              sequence.rng)
+        sequence.record_step(num_drafted=0, num_accepted=0)
+        sequence.root_token = token
+        sequence.add_token(token, self.tokenizer)
         if self.proposer is not None:
+            if not sequence.is_finished:  # (a finished one's last event goes out with the step)
+                self._emit(sequence)  # the first token goes out before the proposer starts
             started = time.perf_counter()
             # sized for the longest request, so that every state can serve any request
             capacity = max(self.target.config.ctx_size,
@@ -267,9 +272,6 @@ class Engine:
             sequence.prompt_features.clear()
             if self.metrics is not None:
                 self.metrics.observe_draft_start(time.perf_counter() - started)
-        sequence.record_step(num_drafted=0, num_accepted=0)
-        sequence.root_token = token
-        sequence.add_token(token, self.tokenizer)
 
     def _advance(self, sequence: Sequence, tree: DraftTree, output: TreeOutput) -> None:
         """After the decode: accept, commit both sides, record the new tokens."""

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from draft_model.ngram import NgramProposer
 from server.engine import Engine
 from server.sequence import Sequence
 from tests.conftest import make_target
@@ -161,3 +162,44 @@ def test_a_kept_prompt_prefix_is_reused_and_changes_nothing(f16_model, target):
     assert second.output_tokens == run_alone(target, "Write a haiku about the moon.")
     assert same.output_tokens == first.output_tokens == \
         run_alone(target, "Write a haiku about the sea.")
+
+
+class StartWatch(NgramProposer):
+    """Prompt lookup (proposing nothing) that notes what its sequence had streamed when the
+    proposer took the prompt in."""
+
+    def __init__(self) -> None:
+        super().__init__(max_tokens=0)
+        self.events: list = []
+        self.streamed_at_begin: list[list] = []
+
+    def begin(self, state, prompt_tokens, prompt_features, root_token) -> None:
+        self.streamed_at_begin.append(list(self.events))
+        super().begin(state, prompt_tokens, prompt_features, root_token)
+
+
+def test_the_first_token_is_streamed_before_the_proposer_takes_the_prompt_in(target):
+    """A draft's start on the prompt (its catch-up on every prompt feature) must not hold
+    the first token back; a request that ends with it gets its last event once."""
+    proposer = StartWatch()
+    engine = Engine(target, proposer)
+    item = sequence(target, "Name a colour.", max_new=4)
+    proposer.events = item.events
+    engine.submit(item)
+    while not item.output_tokens:  # the prompt is read CHUNK tokens per step
+        engine.step()
+    [streamed] = proposer.streamed_at_begin
+    assert [event.text for event in streamed] == [item.events[0].text] and streamed[0].text
+    assert streamed[0].finish_reason is None
+    while not item.is_finished:
+        engine.step()
+    assert item.output_tokens == run_alone(target, "Name a colour.", max_new=4)
+
+    one = sequence(target, "Name a colour.", max_new=1)
+    proposer.events = one.events
+    engine.submit(one)
+    while not one.output_tokens:
+        engine.step()
+    assert one.is_finished and [event.finish_reason for event in one.events] == ["length"]
+    assert proposer.streamed_at_begin[-1] == []
+    assert target.num_free_slots == 2
