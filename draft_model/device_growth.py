@@ -52,8 +52,11 @@ class DeviceGrowth:
         self.true = torch.ones((), dtype=torch.bool, device=device)  # no host scalar in a graph
         self.use_graph = use_graph and device.type == "cuda"
         self.capture_failed = False
-        self.graph: torch.cuda.CUDAGraph | None = None
+        # one graph per number of levels grown (see `start`), all in one memory pool
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
         self.outputs: tuple[torch.Tensor, ...] = ()  # the started growth's, on the host
+        self.levels = depth  # the started growth's
         if self.use_graph:
             pinned = {"pin_memory": True}
             self.host = (torch.empty(self.child_tokens.shape, dtype=torch.long, **pinned),
@@ -63,16 +66,21 @@ class DeviceGrowth:
             self.staged_ints = torch.zeros(self.ints.shape, dtype=torch.long, **pinned)
             self.done = torch.cuda.Event()
 
-    def start(self, features: np.ndarray, tokens: list[int], start: int) -> None:
+    def start(self, features: np.ndarray, tokens: list[int], start: int,
+              levels: int | None = None) -> None:
         """Queue the catch-up on pending pairs — features [c, H] of the target and the
-        tokens after them, c ≤ max_pending, going to cache slots start… — and the growth
-        below the last one's output (which predicts the root's children). On CUDA this
-        returns at once: the copies in, the replay and the copies out run while the host
-        goes on; `collect` waits for them."""
+        tokens after them, c ≤ max_pending, going to cache slots start… — and `levels`
+        levels of growth (default: depth) below the last one's output (which predicts the
+        root's children). On CUDA this returns at once: the copies in, the replay and the
+        copies out run while the host goes on; `collect` waits for them."""
         count = len(tokens)
         if not 0 < count <= self.max_pending or len(features) != count:
             raise ValueError(f"{count} pending pairs for a catch-up of 1..{self.max_pending}")
-        if self.graph is not None:  # captured: through pinned memory, without waiting
+        levels = self.depth if levels is None else levels
+        if not 1 <= levels <= self.depth:
+            raise ValueError(f"{levels} levels for a growth of 1..{self.depth}")
+        self.levels = levels
+        if levels in self.graphs:  # captured: through pinned memory, without waiting
             self.done.synchronize()  # the staging buffers may still feed the last copy in
             self.staged_features[:count] = torch.from_numpy(features)
             ints = self.staged_ints.numpy()
@@ -83,15 +91,15 @@ class DeviceGrowth:
             self.features[:count] = torch.from_numpy(features).to(self.features.device)
             self.ints[:count] = torch.tensor(tokens)
             self.ints[-2], self.ints[-1] = start, count
-        if self.use_graph and self.prepare():
-            self.graph.replay()
+        if self.use_graph and self.prepare(levels):
+            self.graphs[levels].replay()
             for host, device in zip(self.host, (self.child_tokens, self.child_log_probs,
                                                 self.chosen), strict=True):
                 host.copy_(device, non_blocking=True)
             self.done.record()
             self.outputs = self.host
             return
-        self._run()  # eagerly, on the device
+        self._run(levels)  # eagerly, on the device
         self.outputs = (self.child_tokens.cpu(), self.child_log_probs.cpu(),
                         self.chosen.cpu())
 
@@ -104,43 +112,50 @@ class DeviceGrowth:
     def replay_into(self, builder: TreeBuilder, child_tokens: np.ndarray,
                     child_log_probs: np.ndarray, chosen: np.ndarray) -> None:
         frontier = [0]
-        for level in range(self.depth):
+        for level in range(self.levels):
             rows = len(frontier)
             new_ids = builder.add_level(frontier, child_tokens[level, :rows],
                                         child_log_probs[level, :rows])
             frontier = [new_ids[j] for j in chosen[level].tolist()]
 
-    def prepare(self) -> bool:
-        """Capture the growth as a CUDA graph unless it is; False (and eager growth from now
-        on) where the capture fails — an operation this PyTorch or driver cannot capture
-        must not take the server down, only cost it the launch overhead."""
-        if self.graph is not None:
+    def prepare(self, levels: int | None = None) -> bool:
+        """Capture the catch-up and `levels` levels of growth (default: depth) as a CUDA
+        graph unless they are; False (and eager growth from now on) where the capture fails
+        — an operation this PyTorch or driver cannot capture must not take the server down,
+        only cost it the launch overhead."""
+        levels = self.depth if levels is None else levels
+        if levels in self.graphs:
             return True
         if not self.use_graph:
             return False
         try:
-            self._capture()
+            self._capture(levels)
         except RuntimeError as error:
             log.warning("the draft's tree growth could not be captured as a CUDA graph (%s); "
                         "growing trees eagerly on the device", error)
-            self.graph, self.use_graph, self.capture_failed = None, False, True
+            self.graphs, self.use_graph, self.capture_failed = {}, False, True
             return False
         return True
 
-    def _capture(self) -> None:
+    def _capture(self, levels: int) -> None:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture (allocator, kernels)
             for _ in range(2):
-                self._run()
+                self._run(levels)
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._run()
+        graph = torch.cuda.CUDAGraph()
+        # One pool for all of them: they run one at a time on one stream, and every result
+        # is copied into buffers made outside the pool, so no graph's memory outlives it.
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._run(levels)
+        self.graphs[levels] = graph
 
     @torch.inference_mode()
-    def _run(self) -> None:
-        """The catch-up and the whole growth in tensor operations of fixed shapes
+    def _run(self, levels: int) -> None:
+        """The catch-up and `levels` levels of growth in tensor operations of fixed shapes
         (capturable)."""
         model, k = self.model, self.top_k
         capacity = self.cache.capacity
@@ -164,7 +179,7 @@ class DeviceGrowth:
         scores, frontier_tokens = log_probs[0], tokens[0]
         frontier_hidden = root_hidden.expand(k, -1)
         ancestors = torch.zeros(k, capacity, dtype=torch.bool, device=device)
-        for level in range(2, self.depth + 1):
+        for level in range(2, levels + 1):
             slots = committed + (level - 2) * k + rows  # this level's scratch slots
             ancestors = ancestors.clone()
             ancestors.index_put_((rows, slots), self.true)  # sees itself and its ancestors

@@ -43,6 +43,14 @@ class HybridProposer:
     def shape(self):
         return self.draft.shape
 
+    @property
+    def growth_depth(self) -> int | None:
+        return self.draft.growth_depth
+
+    @growth_depth.setter
+    def growth_depth(self, depth: int | None) -> None:
+        self.draft.growth_depth = depth
+
     def new_state(self, capacity: int, key: int | None = None) -> HybridState:
         return HybridState(self.draft.new_state(capacity, key), self.lookup.new_state(capacity))
 

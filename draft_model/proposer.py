@@ -59,6 +59,9 @@ class Proposer:
         self.device_growth = self.device.type == "cuda" if device_growth is None \
             else device_growth
         self.use_graph = True  # until a capture fails: then eager growth for every sequence
+        # Levels to grow per tree, at most the shape's: set by the adaptive budget from the
+        # depths its cut trees reach (a level nobody verifies is time the step waits for).
+        self.growth_depth: int | None = None
         self.released: list[DraftState] = []  # states free for any sequence
         self.by_key: dict[int, DraftState] = {}  # released under a key (the engine: its slot)
         self.num_states = 0  # states made so far
@@ -129,7 +132,8 @@ class Proposer:
         states = [self.new_state(capacity) for _ in range(count)]
         for state in states:
             state.growth = self._growth_for(state)
-            state.growth.prepare()
+            for depth in range(1, self._max_depth + 1):  # the budget may ask for any
+                state.growth.prepare(depth)
             self.release(state)
 
     def begin(self, state: DraftState, prompt_tokens: list[int], prompt_features: np.ndarray,
@@ -200,7 +204,7 @@ class Proposer:
             self._catch_up(state, excess)
         features = np.concatenate(state.pending_features)
         state.growth = self._growth_for(state)
-        state.growth.start(features, state.pending_tokens, state.num_committed)
+        state.growth.start(features, state.pending_tokens, state.num_committed, self._depth)
         if state.growth.capture_failed:
             self.use_graph = False
         state.num_committed += len(state.pending_tokens)
@@ -229,9 +233,9 @@ class Proposer:
         growth = state.growth
         if growth is None or growth.cache is not state.cache \
                 or (growth.top_k, growth.depth, growth.max_pending) \
-                != (self.shape.top_k, self._depth, self._max_pending) \
+                != (self.shape.top_k, self._max_depth, self._max_pending) \
                 or (growth.use_graph and not self.use_graph):
-            growth = DeviceGrowth(self.model, state.cache, self.shape.top_k, self._depth,
+            growth = DeviceGrowth(self.model, state.cache, self.shape.top_k, self._max_depth,
                                   max_pending=self._max_pending, use_graph=self.use_graph)
         return growth
 
@@ -287,8 +291,15 @@ class Proposer:
             proposer_hidden = {node: by_parent[builder.parents[node]] for node in frontier}
 
     @property
+    def _max_depth(self) -> int:
+        return max(min(self.shape.depth, self.shape.total_tokens - 1), 1)
+
+    @property
     def _depth(self) -> int:
-        return min(self.shape.depth, self.shape.total_tokens - 1)
+        """Levels this tree grows: the shape's, or fewer where the budget asks for fewer."""
+        if self.growth_depth is None:
+            return self._max_depth
+        return min(max(self.growth_depth, 1), self._max_depth)
 
     def _catch_up_to_grow(self, state: DraftState) -> torch.Tensor | None:
         """Catch up; the output [H] that predicts the root's children, or None when no

@@ -15,6 +15,7 @@ every lookup, verified or not (draft_model/lookup_estimates.py).
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 
 from draft_model.hybrid import HybridProposer
@@ -26,6 +27,7 @@ from verifier.costs import LiveCosts, VerifyCosts
 Costs = VerifyCosts | LiveCosts
 
 MIN_GAIN = 1.1  # speculate only for an expected gain of 10% or more over plain decoding
+DEPTH_WINDOW = 16  # drafted steps whose cut trees say how deep the next ones need to grow
 
 
 def best_length(costs: Costs, acceptance: AcceptanceEstimate, max_drafted: int,
@@ -86,6 +88,11 @@ class TreeBudget:
     many of the predicted tokens the target actually accepted lately. While trees do not pay
     (a slow draft device, a hard text), one is still drafted now and then — at most
     probe_share of the time — so the budget notices when they start to pay again.
+
+    The draft grows only one level deeper than the deepest of the last DEPTH_WINDOW cut
+    trees (proposer.growth_depth): where verification is dear the cut keeps a few shallow
+    nodes, and the levels below them would only be time the step waits for. The one level
+    more lets the depth come back when deeper nodes start to make the cut.
     """
 
     def __init__(self, costs: Costs, probe_share: float = 0.05, weight: float = 0.1,
@@ -100,6 +107,7 @@ class TreeBudget:
         self.tree_rate: float | None = None  # moving average of a tree step's tokens/s
         self.predicted, self.accepted = 1.0, 1.0  # moving averages, for calibration
         self.since_probe = 0.0  # modelled seconds of tree-less steps since the last tree
+        self.cut_depths: deque[int] = deque(maxlen=DEPTH_WINDOW)
 
     @property
     def calibration(self) -> float:
@@ -111,14 +119,19 @@ class TreeBudget:
         chain, match_length = proposer.lookup_chain(state)
         drafted = lookup_length(self.costs, proposer.estimates, match_length, len(chain),
                                 self.min_gain)
-        if self._tree_pays(proposer, match_length, drafted) or self._probe_due():
+        pays = self._tree_pays(proposer, match_length, drafted)
+        if pays or self._probe_due():
             started = self.clock()
             tree = proposer.propose(state, root, chain, match_length)
             seconds = sequence.launch_seconds + self.clock() - started  # started early too
             self.draft_seconds = self._average(self.draft_seconds, seconds)
             self.since_probe = 0.0
-            tree, predicted = self._cut(tree)
+            # a probe verifies one drafted token at least: cut to the root, it would tell
+            # nothing, and a calibration gone low could never recover
+            tree, predicted = self._cut(tree, min_size=1 if pays else 2)
             sequence.budget_step = (len(tree.tokens), predicted, seconds)
+            self.cut_depths.append(max(tree.depths))
+            proposer.growth_depth = max(self.cut_depths) + 1
             return tree
         self.since_probe += self.costs.of(drafted + 1)
         return DraftTree.chain([root, *chain[:drafted]])
@@ -148,16 +161,17 @@ class TreeBudget:
         seconds = self.draft_seconds or 0.0
         return self.since_probe * self.probe_share >= seconds
 
-    def _cut(self, tree: DraftTree) -> tuple[DraftTree, float]:
-        """(the best-rate prefix of the tree by path probability, its predicted accepted
-        drafted tokens before calibration)."""
+    def _cut(self, tree: DraftTree, min_size: int = 1) -> tuple[DraftTree, float]:
+        """(the best-rate prefix of the tree by path probability, of min_size nodes at
+        least where it has them; its predicted accepted drafted tokens before
+        calibration)."""
         probs = sorted(tree.path_probs()[1:], reverse=True)
         scale = self.calibration
         best_size, best_rate, predicted, best_predicted = 1, 1.0 / self.costs.of(1), 0.0, 0.0
         for size, prob in enumerate(probs, start=2):
             predicted += prob
             rate = (1.0 + scale * predicted) / self.costs.of(size)
-            if rate > best_rate:
+            if rate > best_rate or best_size < min_size:
                 best_size, best_rate, best_predicted = size, rate, predicted
         return tree.best(best_size), best_predicted
 

@@ -8,7 +8,7 @@ import pytest
 from draft_model.lookup_estimates import AcceptanceEstimate, LookupEstimates
 from draft_model.ngram import NgramProposer
 from draft_model.tree import DraftTree
-from server.budget import LookupBudget, TreeBudget, best_length
+from server.budget import DEPTH_WINDOW, LookupBudget, TreeBudget, best_length
 from server.engine import Engine
 from server.sequence import Sequence
 from tests.conftest import make_target
@@ -160,6 +160,7 @@ class FakeHybrid:
         self.tree = DraftTree(self.tree.tokens, self.tree.parents, self.tree.depths,
                               [1.0, *tree_probs])
         self.trees = 0
+        self.growth_depth = None  # set by the budget: the chain stops there, as growth does
 
     def lookup_chain(self, state):
         return self.chain, self.match_length
@@ -167,7 +168,9 @@ class FakeHybrid:
     def propose(self, state, root, chain, match_length):
         self.clock.now += self.draft_seconds
         self.trees += 1
-        return self.tree
+        if self.growth_depth is None:
+            return self.tree
+        return self.tree.best(self.growth_depth + 1)  # a chain: its first levels
 
 
 class FakeClock:
@@ -213,6 +216,37 @@ def test_tree_budget_stops_drafting_when_the_draft_is_too_slow_but_probes():
     budget = TreeBudget(TWO_CORE_Q4, clock=clock)
     sizes = run_budget(budget, chained, 100)
     assert sizes[1:].count(5) > 90
+
+
+def test_tree_budget_grows_one_level_below_its_deepest_recent_cut():
+    clock = FakeClock()
+    steep = FakeHybrid(clock, 0.0005, [0.9] * 15)
+    sizes = run_budget(TreeBudget(TWO_CORE_Q4, clock=clock), steep, 60)
+    # a chain cut to n nodes reaches depth n − 1: the draft grows one level more
+    assert steep.growth_depth == max(sizes[-DEPTH_WINDOW:]) <= 8
+    flat = FakeHybrid(clock, 0.0005, [0.9] * 15)
+    sizes = run_budget(TreeBudget(FLAT, clock=clock), flat, 60)
+    assert flat.growth_depth == max(sizes[-DEPTH_WINDOW:]) >= 12  # most of the chain pays
+    # the target takes one token a step: cuts get small, and so does the growth; then it
+    # accepts whole chains again, and the depth comes back a level per drafted step
+    back = FakeHybrid(clock, 0.0005, [0.9] * 15)
+    budget = TreeBudget(TWO_CORE_Q4, clock=clock)
+    run_budget(budget, back, 150, accepted=lambda tree: min(1, tree.num_drafted))
+    assert back.growth_depth < steep.growth_depth
+    sizes = run_budget(budget, back, 150)
+    assert back.growth_depth == steep.growth_depth == max(sizes[-DEPTH_WINDOW:])
+
+
+def test_tree_budget_recovers_after_the_target_rejected_every_draft():
+    """Trees cut to the root alone would tell the budget nothing: a probe verifies one
+    drafted token at least, so drafting resumes once the target accepts again."""
+    clock = FakeClock()
+    proposer = FakeHybrid(clock, 0.0005, [0.9] * 15)
+    budget = TreeBudget(TWO_CORE_Q4, clock=clock)
+    sizes = run_budget(budget, proposer, 300, accepted=lambda tree: 0)
+    assert max(sizes[-100:]) == 2 and budget.calibration < 0.1  # probes only
+    sizes = run_budget(budget, proposer, 300)
+    assert budget.calibration > 0.9 and min(sizes[-50:]) > 4
 
 
 def test_tree_budget_calibrates_the_draft_probabilities():

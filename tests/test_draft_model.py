@@ -136,25 +136,28 @@ def assert_same_trees(expected: list, actual: list) -> None:
 
 
 def grow_trees(proposer: Proposer, steps: int, seed: int = 0, launch: bool = False,
-               skip: tuple[int, ...] = ()) -> list:
+               skip: tuple[int, ...] = (), depths: tuple[int, ...] = ()) -> list:
     """Trees of `steps` draft → commit rounds over random features, accepting each tree's
     first path down to depth 2 (so the catch-up and the scratch slots move every round).
     launch: start each tree right after the commit before it, as the engine does; steps in
     skip commit a plain step (just the bonus token) without asking for a tree, as when the
-    budget chooses plain decoding."""
+    budget chooses plain decoding; depths: the budget's growth depth for step i is
+    depths[i % len(depths)]."""
     rng = np.random.default_rng(seed)
     state = proposer.new_state(capacity=80)
     proposer.begin(state, [1, 2, 3, 4], rng.standard_normal((4, HIDDEN)).astype(np.float32), 5)
-    trees, _ = run_steps(proposer, state, 5, steps, rng, launch, skip)
+    trees, _ = run_steps(proposer, state, 5, steps, rng, launch, skip, depths)
     proposer.release(state)  # as the engine does when the sequence ends
     return trees
 
 
 def run_steps(proposer: Proposer, state, root: int, steps: int, rng, launch: bool = False,
-              skip: tuple[int, ...] = ()) -> tuple[list, int]:
+              skip: tuple[int, ...] = (), depths: tuple[int, ...] = ()) -> tuple[list, int]:
     """grow_trees' rounds on a begun state: (the trees, the last bonus token)."""
     trees = []
     for step in range(steps):
+        if depths:
+            proposer.growth_depth = depths[step % len(depths)]
         if launch:
             proposer.launch(state)
         path = [0]
@@ -197,6 +200,25 @@ def test_device_growth_grows_the_same_trees_as_host_growth(shape):
     early = grow_trees(Proposer(model, shape, device_growth=True), steps=8, launch=True,
                        skip=skip)
     assert_same_trees(host, early)
+
+
+def test_a_growth_depth_from_the_budget_grows_fewer_levels_alike_on_host_and_device():
+    """The budget may ask for fewer levels than the shape's (it verifies no deeper nodes
+    lately): both growths then stop there, with the same trees, also when the depth
+    changes from step to step and trees are started early."""
+    shape = TreeShape(top_k=3, depth=5, total_tokens=10)
+    model = tiny_model(num_layers=2)
+    depths = (2, 1, 5, 3, 9)  # 9: more than the shape's, which stays the limit
+    host = grow_trees(Proposer(model, shape, device_growth=False), steps=10, depths=depths)
+    device = grow_trees(Proposer(model, shape, device_growth=True), steps=10, launch=True,
+                        skip=(4,), depths=depths)
+    host_skipping = grow_trees(Proposer(model, shape, device_growth=False), steps=10,
+                               skip=(4,), depths=depths)
+    reached = [max(tree.depths) for tree in host]
+    assert reached[:2] == [2, 1] and reached[3] == 3
+    assert all(depth <= min(limit, 5) for depth, limit in zip(reached, depths * 2, strict=True))
+    assert max(reached) > 3  # deeper where allowed
+    assert_same_trees(host_skipping, device)
 
 
 def test_device_growth_takes_a_backlog_eagerly_but_its_last_pairs():
@@ -297,12 +319,17 @@ def test_cuda_warm_up_captures_the_graphs_that_sequences_then_replay():
     model = tiny_model(num_layers=2).cuda()
     proposer = Proposer(model, shape)
     proposer.warm_up(2, capacity=80)
-    graphs = [state.growth.graph for state in proposer.released]
-    assert len(graphs) == 2 and all(graph is not None for graph in graphs)
+    graphs = [dict(state.growth.graphs) for state in proposer.released]
+    assert [sorted(captured) for captured in graphs] == [[1, 2, 3, 4, 5]] * 2  # every depth
     graphed = grow_trees(proposer, steps=8, launch=True, skip=(2, 3))
-    assert [state.growth.graph for state in proposer.released] == graphs[::-1]  # replayed
+    assert [state.growth.graphs for state in proposer.released] == graphs[::-1]  # replayed
     host = grow_trees(Proposer(model, shape, device_growth=False), steps=8, skip=(2, 3))
     assert_same_trees(host, graphed)
+    hinted = grow_trees(proposer, steps=8, launch=True, skip=(2, 3), depths=(2, 5, 1, 3))
+    host = grow_trees(Proposer(model, shape, device_growth=False), steps=8, skip=(2, 3),
+                      depths=(2, 5, 1, 3))
+    assert_same_trees(host, hinted)
+    assert [state.growth.graphs for state in proposer.released] == graphs  # no new captures
 
 
 def test_a_failed_graph_capture_falls_back_to_eager_growth_once(monkeypatch, caplog):
@@ -311,7 +338,7 @@ def test_a_failed_graph_capture_falls_back_to_eager_growth_once(monkeypatch, cap
     is told to capture and the capture raises, as CUDA's does)."""
     captures = []
 
-    def refuse(growth):
+    def refuse(growth, levels):
         captures.append(growth)
         raise RuntimeError("operation not permitted when stream is capturing")
 
