@@ -9,18 +9,18 @@
 # Environment: PYTHON (python3), COUNT (40 HumanEval problems), SYSTEMS (the throughput
 # script's systems; llama-cpp-lookup is left out by default: it only costs time), MODEL
 # (the default model's GGUF unless given), STEPS (which of the steps run; default: all,
-# tests-cuda throughput-f16 throughput-q4 profile), SERVE_ARGS (more `dovetail serve`
-# flags for the speculative system, e.g. "--draft runs/new/draft"; the profile step then
-# times that draft too). Each step's output goes to
-# OUT/<step>.log; a failing step is reported and the others still run. Needs the project
-# importable (installed, or on PYTHONPATH) and, for the tests, pytest.
+# tests-cuda tests-cuda-engine throughput-f16 throughput-q4 profile), SERVE_ARGS (more
+# `dovetail serve` flags for the speculative system, e.g. "--draft runs/new/draft"; the
+# profile step then times that draft too). Each step's output goes to OUT/<step>.log; a
+# failing step is reported and the others still run. Needs the project importable
+# (installed, or on PYTHONPATH) and, for the tests, pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results-gpu}
 PYTHON=${PYTHON:-python3}
 COUNT=${COUNT:-40}
 SYSTEMS=${SYSTEMS:-dovetail dovetail-plain llama-cpp}
-STEPS=" ${STEPS:-tests-cuda throughput-f16 throughput-q4 profile} "
+STEPS=" ${STEPS:-tests-cuda tests-cuda-engine throughput-f16 throughput-q4 profile} "
 SERVE_ARGS=${SERVE_ARGS:-}
 DRAFT=shipped
 if [[ "$SERVE_ARGS" =~ --draft[=[:space:]]+([^[:space:]]+) ]]; then DRAFT=${BASH_REMATCH[1]}; fi
@@ -53,13 +53,15 @@ step() {  # step NAME COMMAND...: run, log, note a failure (unless STEPS leaves 
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-if "$PYTHON" -c 'import pytest' 2>/dev/null || [[ "$STEPS" != *" tests-cuda "* ]]; then
-    # the tests that need CUDA (device growth as a CUDA graph, the draft on the GPU in the
-    # engine) and the speculative exactness tests, which run on every device there is
-    step tests-cuda "$PYTHON" -m pytest -v --durations=10 -k cuda tests/test_draft_model.py \
+if "$PYTHON" -c 'import pytest' 2>/dev/null; then
+    # the tests that need CUDA: first the draft's own (tiny models, seconds: the CUDA-graph
+    # growth and catch-up against the host loop), then the speculative exactness tests with
+    # the draft on the GPU in the engine (they train a small draft on the CPU first: minutes)
+    step tests-cuda "$PYTHON" -m pytest -v --durations=10 -k cuda tests/test_draft_model.py
+    step tests-cuda-engine "$PYTHON" -m pytest -v --durations=10 -k cuda \
         tests/test_speculative.py
 else
-    echo "== tests-cuda: skipped (no pytest)"
+    echo "== tests-cuda, tests-cuda-engine: skipped (no pytest)"
 fi
 # shellcheck disable=SC2086
 step throughput-f16 "$PYTHON" scripts/humaneval_throughput.py "${MODEL_ARGS[@]}" --f16 \
