@@ -245,6 +245,29 @@ def test_device_growth_takes_a_backlog_eagerly_but_its_last_pairs():
     assert_same_trees(host, device)
 
 
+def test_near_the_end_of_its_cache_the_draft_stops_growing_trees_alike_on_host_and_device():
+    """Without room for a tree's scratch slots (and, on the device, the padded catch-up)
+    the accepted pairs still go in and the tree is the root alone — at the same steps."""
+    shape = TreeShape(top_k=2, depth=3, total_tokens=5)
+    model = tiny_model(num_layers=2)
+
+    def trees(device_growth: bool) -> tuple[list, int]:
+        proposer = Proposer(model, shape, device_growth=device_growth)
+        rng = np.random.default_rng(5)
+        state = proposer.new_state(capacity=24)
+        proposer.begin(state, [1, 2, 3, 4], rng.standard_normal((4, HIDDEN)).astype(np.float32),
+                       5)
+        grown, _ = run_steps(proposer, state, 5, steps=12, rng=rng, launch=device_growth)
+        proposer.propose(state, 5)  # the last pairs go in too
+        return grown, state.num_committed
+
+    (host, host_committed), (device, device_committed) = trees(False), trees(True)
+    sizes = [len(tree.tokens) for tree in host]
+    assert sizes[0] > 1 and sizes[-1] == 1  # trees, then none once the cache is nearly full
+    assert_same_trees(host, device)
+    assert host_committed == device_committed
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_growth_equals_eager_growth():
     shape = TreeShape(top_k=4, depth=5, total_tokens=12)
