@@ -61,19 +61,20 @@ class ConcatFusion(nn.Module):
 
 
 def rope_tables(config: DraftConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for rotate-half RoPE at the given positions: [..., head_dim] each."""
+    """cos and signed sin for rotate-half RoPE at the given positions: [..., head_dim] each;
+    the sin's first half is negated, so that `apply_rope` needs no negation per call."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=positions.device,
                                                          dtype=torch.float32) / dim))
     angles = positions.float()[..., None] * inv_freq  # [..., dim/2]
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x·cos + (−x₂, x₁)·sin, computed as x·cos + (x₂, x₁)·(−sin, sin) —
+    the same products, in fewer operations (a draft level on a GPU is launch latency)."""
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)
 
 
 @dataclass
@@ -116,7 +117,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, length, config.num_heads, config.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, config.num_kv_heads, config.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, config.num_kv_heads, config.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, heads, T, D]
+        # queries and keys rotated in one go: [B, heads + kv_heads, T, D]
+        rotated = apply_rope(torch.cat((q, k), dim=1), cos, sin)
+        q, k = rotated[:, :config.num_heads], rotated[:, config.num_heads:]
         groups = config.num_heads // config.num_kv_heads
         if cache is None:
             k = k.repeat_interleave(groups, dim=1)
