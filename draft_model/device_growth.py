@@ -66,17 +66,15 @@ class DeviceGrowth:
             self.staged_ints = torch.zeros(self.ints.shape, dtype=torch.long, **pinned)
             self.done = torch.cuda.Event()
 
-    def start(self, features: np.ndarray, tokens: list[int], start: int,
-              levels: int | None = None) -> None:
+    def start(self, features: np.ndarray, tokens: list[int], start: int, levels: int) -> None:
         """Queue the catch-up on pending pairs — features [c, H] of the target and the
         tokens after them, c ≤ max_pending, going to cache slots start… — and `levels`
-        levels of growth (default: depth) below the last one's output (which predicts the
+        levels of growth (at most depth) below the last one's output (which predicts the
         root's children). On CUDA this returns at once: the copies in, the replay and the
         copies out run while the host goes on; `collect` waits for them."""
         count = len(tokens)
         if not 0 < count <= self.max_pending or len(features) != count:
             raise ValueError(f"{count} pending pairs for a catch-up of 1..{self.max_pending}")
-        levels = self.depth if levels is None else levels
         if not 1 <= levels <= self.depth:
             raise ValueError(f"{levels} levels for a growth of 1..{self.depth}")
         self.levels = levels
@@ -118,12 +116,11 @@ class DeviceGrowth:
                                         child_log_probs[level, :rows])
             frontier = [new_ids[j] for j in chosen[level].tolist()]
 
-    def prepare(self, levels: int | None = None) -> bool:
-        """Capture the catch-up and `levels` levels of growth (default: depth) as a CUDA
-        graph unless they are; False (and eager growth from now on) where the capture fails
+    def prepare(self, levels: int) -> bool:
+        """Capture the catch-up and `levels` levels of growth as a CUDA graph unless they
+        are; False (and eager growth from now on) where the capture fails
         — an operation this PyTorch or driver cannot capture must not take the server down,
         only cost it the launch overhead."""
-        levels = self.depth if levels is None else levels
         if levels in self.graphs:
             return True
         if not self.use_graph:

@@ -219,8 +219,9 @@ class Proposer:
         return max(self.shape.total_tokens, 1)
 
     def _has_room(self, state: DraftState) -> bool:
-        """A tree can grow after the pending pairs: the graph's padded catch-up and the
-        scratch slots fit in the cache."""
+        """A tree can grow after the pending pairs: its scratch slots and (on the device)
+        the padded catch-up fit in the cache — one rule for both growths, so that they
+        stop growing trees at the same step."""
         shape, capacity = self.shape, state.cache.capacity
         committed = state.num_committed + len(state.pending_tokens)
         first_padded = committed - min(len(state.pending_tokens), self._max_pending)
@@ -304,13 +305,9 @@ class Proposer:
     def _catch_up_to_grow(self, state: DraftState) -> torch.Tensor | None:
         """Catch up; the output [H] that predicts the root's children, or None when no
         tree grows (nothing pending, a one-node tree, no scratch room left)."""
-        shape = self.shape
+        has_room = self._has_room(state)
         hidden = self._catch_up(state)
-        if hidden is None or shape.total_tokens <= 1:
-            return None
-        if state.num_committed + shape.max_scratch_slots + shape.depth > state.cache.capacity:
-            return None
-        return hidden
+        return hidden if has_room else None
 
     def _catch_up(self, state: DraftState, count: int | None = None) -> torch.Tensor | None:
         """Run the first `count` pending pairs (default: all) through the draft into
