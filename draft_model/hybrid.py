@@ -1,14 +1,14 @@
 """The DGF draft's tree, extended by prompt lookup.
 
-Each step the request's own context is searched for the longest earlier occurrence of its
-last tokens (draft_model/ngram.py); the tokens that followed are merged into the draft's
-candidate tree as a chain, where the draft already has a token it is shared. Draft
-candidates are ranked by their cumulative draft log-probability (EAGLE-2), lookup tokens by
-the log of their estimated chance of surviving to that depth, learnt per matched n-gram
-length from every lookup (draft_model/lookup_estimates.py) — so the verified budget of
-`total_tokens` goes to whichever proposer's tokens are likelier to be accepted. On code,
-which repeats identifiers and whole lines, lookup often knows the continuation the draft
-is unsure of.
+Each step the request's own context (and, with a shared pool, earlier requests' texts) is
+searched for the longest earlier occurrence of its last tokens (draft_model/ngram.py); the
+tokens that followed are merged into the draft's candidate tree as a chain, where the draft
+already has a token it is shared. Draft candidates are ranked by their cumulative draft
+log-probability (EAGLE-2), lookup tokens by the log of their estimated chance of surviving
+to that depth, learnt per kind of match (n-gram length, source) from every lookup
+(draft_model/lookup_estimates.py) — so the verified budget of `total_tokens` goes to
+whichever proposer's tokens are likelier to be accepted. On code, which repeats identifiers
+and whole lines, lookup often knows the continuation the draft is unsure of.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from draft_model.lookup_estimates import LookupEstimates, PendingLookup
-from draft_model.ngram import NgramProposer, NgramState
+from draft_model.ngram import Lookup, NgramProposer, NgramState
 from draft_model.proposer import DraftState, Proposer
 from draft_model.tree import DraftTree
 
@@ -37,7 +37,7 @@ class HybridProposer:
     def __init__(self, draft: Proposer, lookup: NgramProposer) -> None:
         self.draft = draft
         self.lookup = lookup
-        self.estimates = LookupEstimates(lookup.max_ngram, lookup.max_tokens)
+        self.estimates = LookupEstimates(lookup.max_tokens)
 
     @property
     def shape(self):
@@ -56,6 +56,7 @@ class HybridProposer:
 
     def release(self, state: HybridState, key: int | None = None) -> None:
         self.draft.release(state.draft, key)
+        self.lookup.release(state.lookup, key)
 
     def reusable(self, key: int, prompt_tokens: list[int], kept: int) -> int:
         return self.draft.reusable(key, prompt_tokens, kept)
@@ -74,20 +75,20 @@ class HybridProposer:
     def launch(self, state: HybridState) -> None:
         self.draft.launch(state.draft)
 
-    def lookup_chain(self, state: HybridState) -> tuple[list[int], int]:
-        """(the lookup's continuation, its matched n-gram length), remembered for scoring."""
+    def lookup_chain(self, state: HybridState) -> Lookup:
+        """The lookup's continuation, remembered for scoring."""
         limit = min(self.lookup.max_tokens, self.draft.shape.total_tokens - 1)
-        chain, match_length = self.lookup.lookup(state.lookup, limit)
-        self.estimates.remember(state.pending, len(state.lookup.tokens), chain, match_length)
-        return chain, match_length
+        lookup = self.lookup.lookup(state.lookup, limit)
+        self.estimates.remember(state.pending, len(state.lookup.tokens), lookup)
+        return lookup
 
-    def propose(self, state: HybridState, root_token: int, chain: list[int] | None = None,
-                match_length: int = 0) -> DraftTree:
+    def propose(self, state: HybridState, root_token: int,
+                lookup: Lookup | None = None) -> DraftTree:
         """The draft's tree with the lookup chain merged in (looked up here unless given)."""
-        if chain is None:
-            chain, match_length = self.lookup_chain(state)
-        if not chain:
+        if lookup is None:
+            lookup = self.lookup_chain(state)
+        if not lookup.tokens:
             return self.draft.propose(state.draft, root_token)
-        survival = self.estimates.by_match[match_length].survival(len(chain))
+        survival = self.estimates.of(lookup).survival(len(lookup.tokens))
         scores = [math.log(max(chance, FLOOR)) for chance in survival]
-        return self.draft.propose(state.draft, root_token, graft=(chain, scores))
+        return self.draft.propose(state.draft, root_token, graft=(lookup.tokens, scores))

@@ -1,14 +1,17 @@
 """How often prompt lookup's proposals come true, learnt from the text that follows them.
 
 Estimates are kept per length of the matched n-gram (a 3-gram match is far more reliable
-than a 1-gram one). Every lookup is remembered and scored once the tokens after it are
-known, whether or not it was verified — so the estimates keep learning even while nothing
-is drafted, and cost nothing to keep.
+than a 1-gram one) and per source (the request's own context, or earlier requests' texts).
+Every lookup is remembered and scored once the tokens after it are known, whether or not it
+was verified — so the estimates keep learning even while nothing is drafted, and cost
+nothing to keep.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from draft_model.ngram import Lookup
 
 
 @dataclass
@@ -47,32 +50,38 @@ class AcceptanceEstimate:
 @dataclass
 class PendingLookup:
     start: int  # index in the text where the proposal's first token would go
-    tokens: list[int]
-    match_length: int
+    lookup: Lookup
 
 
 class LookupEstimates:
-    """One AcceptanceEstimate per matched n-gram length 1..max_ngram."""
+    """One AcceptanceEstimate per kind of match (Lookup.key), made when first needed."""
 
-    def __init__(self, max_ngram: int, max_drafted: int) -> None:
-        self.by_match = {n: AcceptanceEstimate(max_drafted) for n in range(1, max_ngram + 1)}
+    def __init__(self, max_drafted: int) -> None:
+        self.max_drafted = max_drafted
+        self.by_match: dict[tuple[bool, int], AcceptanceEstimate] = {}
 
-    def remember(self, pending: list[PendingLookup], start: int, proposal: list[int],
-                 match_length: int) -> None:
+    def of(self, lookup: Lookup) -> AcceptanceEstimate:
+        key = lookup.key
+        if key not in self.by_match:
+            self.by_match[key] = AcceptanceEstimate(self.max_drafted)
+        return self.by_match[key]
+
+    def remember(self, pending: list[PendingLookup], start: int, lookup: Lookup) -> None:
         """Keep a lookup to score once the text after `start` is known."""
-        if proposal and match_length:
-            pending.append(PendingLookup(start, proposal, match_length))
+        if lookup.tokens and lookup.match_length:
+            pending.append(PendingLookup(start, lookup))
 
     def score(self, pending: list[PendingLookup], text: list[int]) -> None:
         """Score every pending lookup the text has decided (a mismatch, or all known)."""
         still = []
         for item in pending:
-            actual = text[item.start : item.start + len(item.tokens)]
+            proposal = item.lookup.tokens
+            actual = text[item.start : item.start + len(proposal)]
             matched = 0
-            while matched < len(actual) and actual[matched] == item.tokens[matched]:
+            while matched < len(actual) and actual[matched] == proposal[matched]:
                 matched += 1
-            if matched < len(actual) or len(actual) == len(item.tokens):
-                self.by_match[item.match_length].observe(len(item.tokens), matched)
+            if matched < len(actual) or len(actual) == len(proposal):
+                self.of(item.lookup).observe(len(proposal), matched)
             else:
                 still.append(item)
         pending[:] = still

@@ -9,13 +9,32 @@ Up to 5-grams by default: the longer the match, the more reliable its continuati
 count over SmolLM2-135M's answers to 40 HumanEval problems, a 5-token match continued
 correctly at its first token over 90% of the time, a 1-token match 10–45%), and the budget
 learns a separate acceptance estimate per match length.
+
+With a shared pool (draft_model/shared_ngrams.py) the texts of earlier requests are searched
+too; the longer match wins (this request's own on a tie), and its estimates are kept apart
+from the own context's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from draft_model.shared_ngrams import SharedNgrams
 from draft_model.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """A lookup's proposal: the tokens after the matched n-gram, and where they came from."""
+
+    tokens: list[int] = field(default_factory=list)
+    match_length: int = 0  # 0: nothing matched
+    shared: bool = False  # found in an earlier request's text, not this request's own
+
+    @property
+    def key(self) -> tuple[bool, int]:
+        """What the acceptance estimates are kept per."""
+        return self.shared, self.match_length
 
 
 @dataclass
@@ -26,16 +45,20 @@ class NgramState:
 
 
 class NgramProposer:
-    def __init__(self, max_ngram: int = 5, min_ngram: int = 1, max_tokens: int = 8) -> None:
+    def __init__(self, max_ngram: int = 5, min_ngram: int = 1, max_tokens: int = 8,
+                 shared: SharedNgrams | None = None) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError("need 1 ≤ min_ngram ≤ max_ngram")
         self.max_ngram, self.min_ngram, self.max_tokens = max_ngram, min_ngram, max_tokens
+        self.shared = shared  # earlier requests' texts, or None: this request's own only
 
     def new_state(self, capacity: int, key: int | None = None) -> NgramState:
         return NgramState()
 
     def release(self, state: NgramState, key: int | None = None) -> None:
-        """Nothing to keep: a state is a list and a dict."""
+        """A finished request's text goes to the shared pool (if any) for later requests."""
+        if self.shared is not None:
+            self.shared.add(state.tokens)
 
     def reusable(self, key: int, prompt_tokens: list[int], kept: int) -> int:
         """All of it: the lookup indexes the whole prompt's tokens and needs no features."""
@@ -55,20 +78,27 @@ class NgramProposer:
                 max_tokens: int | None = None) -> DraftTree:
         """A chain of up to max_tokens drafted tokens after the root (the context's end)."""
         limit = self.max_tokens if max_tokens is None else max_tokens
-        continuation, _ = self.lookup(state, limit)
-        return DraftTree.chain([root_token, *continuation])
+        return DraftTree.chain([root_token, *self.lookup(state, limit).tokens])
 
-    def lookup(self, state: NgramState, limit: int) -> tuple[list[int], int]:
-        """(the tokens after the latest earlier occurrence of the longest matching suffix,
-        that suffix's length); ([], 0) if none."""
-        tokens = state.tokens
+    def lookup(self, state: NgramState, limit: int) -> Lookup:
+        """The tokens after the latest earlier occurrence of the context's longest matching
+        suffix: in its own context, or in the shared pool where that match is longer."""
         if limit <= 0:
-            return [], 0
+            return Lookup()
+        own = self._own_lookup(state, limit)
+        if self.shared is not None and own.match_length < self.shared.max_ngram:
+            tokens, length = self.shared.lookup(state.tokens, limit)
+            if length > own.match_length:
+                return Lookup(tokens, length, shared=True)
+        return own
+
+    def _own_lookup(self, state: NgramState, limit: int) -> Lookup:
+        tokens = state.tokens
         for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
             start = state.index.get(tuple(tokens[-n:]))
             if start is not None:
-                return tokens[start : start + limit], n
-        return [], 0
+                return Lookup(tokens[start : start + limit], n)
+        return Lookup()
 
     def _extend(self, state: NgramState, new_tokens: list[int]) -> None:
         """Append tokens; index every n-gram that now has a successor."""

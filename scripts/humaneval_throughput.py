@@ -9,6 +9,9 @@ target file and thread count, in one process tree:
   llama-cpp        llama-cpp-python's create_chat_completion (greedy), in this process
   llama-cpp-lookup the same with LlamaPromptLookupDecoding (prompt-lookup speculation)
 
+and any number of --variant NAME="FLAGS" systems: `dovetail serve FLAGS`, interleaved with
+the rest (an A/B of a setting in one run, e.g. --variant own-lookup="--no-lookup-shared").
+
 Tokens/s counts the output re-tokenized by the target's tokenizer over the request's wall
 time (arrival to last token), so every system is measured the same way. Reported per
 system: tokens/s (median, quartiles, and total tokens / total time), time to first token,
@@ -57,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="0: one per physical core")
     parser.add_argument("--systems", nargs="+", default=list(ALL_SYSTEMS), choices=ALL_SYSTEMS)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        type=variant, help="one more server system: `dovetail serve FLAGS` "
+                        "reported as NAME (repeatable)")
     parser.add_argument("--serve-args", default="",
                         help="extra flags for the `dovetail` system, e.g. '--draft shipped'")
     parser.add_argument("--lookup-tokens", type=int, default=10,
@@ -65,6 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("humaneval_throughput"),
                         help="output path without suffix: .json, .md and .png files")
     return parser.parse_args(argv)
+
+
+def variant(text: str) -> tuple[str, list[str]]:
+    name, separator, flags = text.partition("=")
+    if not separator or not name or name in ALL_SYSTEMS:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=FLAGS with a new NAME (not one of {', '.join(ALL_SYSTEMS)})")
+    return name, flags.split()
 
 
 class ServerSystem:
@@ -287,6 +301,8 @@ def run(args: argparse.Namespace, model: Path) -> None:
                 systems.append(ServerSystem(name, model, threads, flags))
             else:
                 systems.append(LlamaSystem(name, model, threads, args.lookup_tokens))
+        for name, flags in args.variant:
+            systems.append(ServerSystem(name, model, threads, flags))
         tokenizer = _tokenizer(model)
         rows = {system.name: [] for system in systems}
         for problem in tqdm(problems, desc="HumanEval", unit="problem", dynamic_ncols=True):
@@ -305,6 +321,7 @@ def run(args: argparse.Namespace, model: Path) -> None:
     report = {"machine": describe_cpu(), "model": model.name, "threads": threads,
               "count": args.count, "offset": args.offset, "max_tokens": args.max_tokens,
               "serve_args": args.serve_args, "lookup_tokens": args.lookup_tokens,
+              "variants": {name: " ".join(flags) for name, flags in args.variant},
               "summary": [summarise(name, system_rows, baseline)
                           for name, system_rows in rows.items()],
               "rows": rows}

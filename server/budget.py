@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from draft_model.hybrid import HybridProposer
 from draft_model.lookup_estimates import AcceptanceEstimate, LookupEstimates
-from draft_model.ngram import NgramProposer
+from draft_model.ngram import Lookup, NgramProposer
 from draft_model.tree import DraftTree
 from verifier.costs import LiveCosts, VerifyCosts
 
@@ -45,33 +45,33 @@ def best_length(costs: Costs, acceptance: AcceptanceEstimate, max_drafted: int,
     return best if best_rate >= min_gain * plain_rate else 0
 
 
-def lookup_length(costs: Costs, estimates: LookupEstimates, match_length: int,
-                  available: int, min_gain: float = MIN_GAIN) -> int:
-    """How many of a lookup's `available` tokens pay to verify (0 without a match)."""
-    if match_length == 0 or available == 0:
+def lookup_length(costs: Costs, estimates: LookupEstimates, lookup: Lookup,
+                  available: int | None = None, min_gain: float = MIN_GAIN) -> int:
+    """How many of a lookup's tokens (the first `available` of them) pay to verify (0
+    without a match)."""
+    available = len(lookup.tokens) if available is None else min(available, len(lookup.tokens))
+    if lookup.match_length == 0 or available == 0:
         return 0
-    return best_length(costs, estimates.by_match[match_length], available, min_gain=min_gain)
+    return best_length(costs, estimates.of(lookup), available, min_gain=min_gain)
 
 
 class LookupBudget:
-    """Budget for prompt lookup, one estimate per matched n-gram length."""
+    """Budget for prompt lookup, one estimate per kind of match (its n-gram length, and
+    whether it was found in the request's own context or in earlier requests' texts)."""
 
-    def __init__(self, costs: Costs, max_ngram: int, max_drafted: int) -> None:
+    def __init__(self, costs: Costs, max_drafted: int) -> None:
         self.costs = costs
         self.max_drafted = max_drafted
-        self.estimates = LookupEstimates(max_ngram, max_drafted)
+        self.estimates = LookupEstimates(max_drafted)
 
     def propose(self, proposer: NgramProposer, sequence) -> DraftTree:
         """Look up a continuation, keep it to score later, verify as much as pays."""
-        proposal, match_length = proposer.lookup(sequence.draft_state, self.max_drafted)
-        self.estimates.remember(sequence.pending_proposals, len(sequence.output_tokens),
-                              proposal, match_length)
-        return DraftTree.chain([sequence.root_token,
-                                *proposal[:self.choose(match_length, len(proposal))]])
+        lookup = proposer.lookup(sequence.draft_state, self.max_drafted)
+        self.estimates.remember(sequence.pending_proposals, len(sequence.output_tokens), lookup)
+        return DraftTree.chain([sequence.root_token, *lookup.tokens[:self.choose(lookup)]])
 
-    def choose(self, match_length: int, available: int) -> int:
-        return lookup_length(self.costs, self.estimates, match_length,
-                             min(available, self.max_drafted))
+    def choose(self, lookup: Lookup) -> int:
+        return lookup_length(self.costs, self.estimates, lookup, self.max_drafted)
 
     def observe(self, sequence, tree: DraftTree, num_accepted: int) -> None:
         self.estimates.score(sequence.pending_proposals, sequence.output_tokens)
@@ -116,13 +116,12 @@ class TreeBudget:
 
     def propose(self, proposer: HybridProposer, sequence) -> DraftTree:
         state, root = sequence.draft_state, sequence.root_token
-        chain, match_length = proposer.lookup_chain(state)
-        drafted = lookup_length(self.costs, proposer.estimates, match_length, len(chain),
-                                self.min_gain)
-        pays = self._tree_pays(proposer, match_length, drafted)
+        lookup = proposer.lookup_chain(state)
+        drafted = lookup_length(self.costs, proposer.estimates, lookup, min_gain=self.min_gain)
+        pays = self._tree_pays(proposer, lookup, drafted)
         if pays or self._probe_due():
             started = self.clock()
-            tree = proposer.propose(state, root, chain, match_length)
+            tree = proposer.propose(state, root, lookup)
             seconds = sequence.launch_seconds + self.clock() - started  # started early too
             self.draft_seconds = self._average(self.draft_seconds, seconds)
             self.since_probe = 0.0
@@ -134,7 +133,7 @@ class TreeBudget:
             proposer.growth_depth = max(self.cut_depths) + 1
             return tree
         self.since_probe += self.costs.of(drafted + 1)
-        return DraftTree.chain([root, *chain[:drafted]])
+        return DraftTree.chain([root, *lookup.tokens[:drafted]])
 
     def observe(self, sequence, tree: DraftTree, num_accepted: int) -> None:
         step, sequence.budget_step = sequence.budget_step, None
@@ -147,13 +146,13 @@ class TreeBudget:
         rate = (num_accepted + 1) / (self.costs.of(size) + seconds)
         self.tree_rate = self._average(self.tree_rate, rate)
 
-    def _tree_pays(self, proposer: HybridProposer, match_length: int, drafted: int) -> bool:
+    def _tree_pays(self, proposer: HybridProposer, lookup: Lookup, drafted: int) -> bool:
         if self.tree_rate is None:
             return True  # nothing measured yet
         plain_rate = 1.0 / self.costs.of(1)
         chain_rate = plain_rate
         if drafted:
-            estimate = proposer.estimates.by_match[match_length]
+            estimate = proposer.estimates.of(lookup)
             chain_rate = estimate.expected_tokens(drafted) / self.costs.of(drafted + 1)
         return self.tree_rate >= max(chain_rate, self.min_gain * plain_rate)
 

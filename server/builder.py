@@ -10,6 +10,7 @@ from draft_model.device import default_dtype, resolve_device
 from draft_model.hybrid import HybridProposer
 from draft_model.ngram import NgramProposer
 from draft_model.proposer import Proposer, TreeShape
+from draft_model.shared_ngrams import SharedNgrams
 from draft_model.shipped import SHIPPED_DRAFT, fits_shipped_draft
 from draft_model.target_weights import read_target_weights
 from server.budget import LookupBudget, TreeBudget
@@ -68,14 +69,14 @@ def build_engine(settings: Settings) -> Engine:
     ))
     if source is None:
         return Engine(target)
+    shared = SharedNgrams() if settings.lookup_shared else None
     if source == NGRAM:
-        proposer = NgramProposer(max_tokens=tree_tokens - 1)
+        proposer = NgramProposer(max_tokens=tree_tokens - 1, shared=shared)
         if not settings.adaptive_budget:
             log.info("prompt lookup: up to %d drafted tokens per step", tree_tokens - 1)
             return Engine(target, proposer)
         costs = live_costs(target, "prompt lookup")
-        return Engine(target, proposer,
-                      budget=LookupBudget(costs, proposer.max_ngram, tree_tokens - 1))
+        return Engine(target, proposer, budget=LookupBudget(costs, tree_tokens - 1))
     device = resolve_device(settings.draft_device)
     model = load_checkpoint(source, read_target_weights(settings.model_path), device,
                             default_dtype(device))
@@ -86,7 +87,7 @@ def build_engine(settings: Settings) -> Engine:
     proposer.warm_up(settings.max_concurrency, settings.ctx_size + 1)  # CUDA graphs, now
     if not settings.draft_lookup:
         return Engine(target, proposer)
-    hybrid = HybridProposer(proposer, NgramProposer(max_tokens=tree_tokens - 1))
+    hybrid = HybridProposer(proposer, NgramProposer(max_tokens=tree_tokens - 1, shared=shared))
     if not settings.adaptive_budget:
         return Engine(target, hybrid)
     costs = live_costs(target, "draft tree + prompt lookup")

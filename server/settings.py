@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     draft_lookup: bool = Field(
         True, description="With a draft model: merge prompt lookup's continuation (from the "
         "request's own context) into the draft's tree.")
+    lookup_shared: bool = Field(
+        True, description="Prompt lookup also searches the texts (prompt and output) of "
+        "earlier requests to this server, the last 65,536 tokens of them, kept in memory; "
+        "off: each request's own context only.")
     draft_top_k: int = Field(4, ge=1, le=32, description="Children per expanded draft node.")
     draft_depth: int = Field(5, ge=1, le=32, description="Levels of the draft tree below the root.")
     draft_tokens: int = Field(

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from draft_model.lookup_estimates import AcceptanceEstimate, LookupEstimates
-from draft_model.ngram import NgramProposer
+from draft_model.ngram import Lookup, NgramProposer
+from draft_model.shared_ngrams import SharedNgrams
 from draft_model.tree import DraftTree
 from server.budget import DEPTH_WINDOW, LookupBudget, TreeBudget, best_length
 from server.engine import Engine
@@ -26,10 +27,10 @@ def test_lookup_takes_the_longest_suffix_and_its_latest_occurrence():
     proposer = NgramProposer(max_ngram=3, max_tokens=4)
     # (7, 1, 2) occurs once before; (1, 2) occurs twice, latest followed by 8
     state = state_with(proposer, [7, 1, 2, 3, 4, 1, 2, 8, 9, 7, 1, 2])
-    assert proposer.lookup(state, 4) == ([3, 4, 1, 2], 3)
+    assert proposer.lookup(state, 4) == Lookup([3, 4, 1, 2], 3)
     state = state_with(proposer, [5, 1, 2, 3, 4, 1, 2, 8, 9, 6, 1, 2])
-    assert proposer.lookup(state, 3) == ([8, 9, 6], 2)
-    assert proposer.lookup(state_with(proposer, [1, 2, 3, 4]), 4) == ([], 0)
+    assert proposer.lookup(state, 3) == Lookup([8, 9, 6], 2)
+    assert proposer.lookup(state_with(proposer, [1, 2, 3, 4]), 4) == Lookup()
     tree = proposer.propose(state, root_token=2, max_tokens=2)
     assert tree.tokens == [2, 8, 9] and tree.parents == [-1, 0, 1]
 
@@ -42,7 +43,42 @@ def test_lookup_index_grows_with_commits_as_if_built_at_once():
         proposer.commit(grown, None, tokens[start:start + 3])
     at_once = state_with(proposer, tokens)
     assert grown.tokens == at_once.tokens and grown.index == at_once.index
-    assert proposer.lookup(grown, 3) == proposer.lookup(at_once, 3) == ([4, 6, 2], 2)
+    assert proposer.lookup(grown, 3) == proposer.lookup(at_once, 3) == Lookup([4, 6, 2], 2)
+
+
+def test_the_shared_pool_proposes_what_followed_in_earlier_requests():
+    pool = SharedNgrams(min_ngram=2, max_ngram=4, capacity=100)
+    proposer = NgramProposer(max_ngram=3, max_tokens=4, shared=pool)
+    proposer.release(state_with(proposer, [1, 2, 3, 4, 5, 6, 7]))  # a finished request
+    # nothing in its own context, (3, 4, 5) in the earlier text: up to the text's end
+    assert proposer.lookup(state_with(proposer, [9, 3, 4, 5]), 4) == \
+        Lookup([6, 7], 3, shared=True)
+    # a tie (own (5, 6) → 8, the pool's (5, 6) → 7): the request's own
+    own = state_with(proposer, [5, 6, 8, 0, 5, 6])
+    assert proposer.lookup(own, 4) == Lookup([8, 0, 5, 6], 2)
+    longer = state_with(proposer, [3, 8, 2, 3, 4])  # own (3,) → 8; pool (2, 3, 4) → 5, 6, 7
+    assert proposer.lookup(longer, 2) == Lookup([5, 6], 3, shared=True)
+    alone = NgramProposer(max_ngram=3, max_tokens=4)  # no pool: its own context only
+    assert alone.lookup(state_with(alone, [9, 3, 4, 5]), 4) == Lookup()
+
+
+def test_the_shared_pool_forgets_its_oldest_texts_and_checks_every_hit():
+    pool = SharedNgrams(min_ngram=2, max_ngram=3, capacity=10)
+    pool.add([1, 2, 3, 4, 5, 6])
+    pool.add([7, 8, 3, 4, 9, 10])  # (3, 4) now continues with 9
+    assert pool.lookup([3, 4], 5) == ([9, 10], 2)
+    assert pool.num_tokens == 6 and pool.lookup([1, 2], 3) == ([], 0)  # the first is gone
+    fresh = SharedNgrams(min_ngram=2, max_ngram=3, capacity=10)
+    fresh.add([7, 8, 3, 4, 9, 10])
+    assert pool.index == {key: position + pool.base for key, position in fresh.index.items()}
+    pool.add([11, 12, 13, 14, 15])
+    assert pool.lookup([7, 8], 5) == ([], 0) and pool.lookup([11, 12], 5) == ([13, 14, 15], 2)
+    # a hash shared with another n-gram is a miss, not the other n-gram's continuation
+    pool.index[hash((50, 51))] = pool.index[hash((11, 12))]
+    assert pool.lookup([50, 51], 5) == ([], 0)
+    long = SharedNgrams(min_ngram=2, max_ngram=3, capacity=4)
+    long.add(list(range(20)))  # longer than the pool: its last tokens
+    assert long.num_tokens == 4 and long.lookup([16, 17], 5) == ([18, 19], 2)
 
 
 def test_expected_tokens_follow_the_per_position_rates():
@@ -83,17 +119,21 @@ def test_budget_grows_with_flat_verification_and_good_acceptance():
 
 
 def test_lookup_budget_scores_proposals_against_what_the_target_produced():
-    budget = LookupBudget(FLAT, max_ngram=3, max_drafted=4)
+    budget = LookupBudget(FLAT, max_drafted=4)
     pending = []
-    budget.estimates.remember(pending, start=2, proposal=[7, 8, 9], match_length=3)
-    budget.estimates.remember(pending, start=2, proposal=[5], match_length=0)  # no match: skip
+    budget.estimates.remember(pending, start=2, lookup=Lookup([7, 8, 9], 3))
+    budget.estimates.remember(pending, start=2, lookup=Lookup([5], 0))  # no match: skip
+    budget.estimates.remember(pending, start=2, lookup=Lookup([7, 6], 3, shared=True))
     budget.estimates.score(pending, [1, 2, 7])
-    assert len(pending) == 1  # 7 matched, 8 and 9 not yet known
+    assert len(pending) == 2  # 7 matched, what follows it is not yet known
     budget.estimates.score(pending, [1, 2, 7, 8, 4])
     assert pending == []
-    rates = budget.estimates.by_match[3].rates
+    rates = budget.estimates.of(Lookup([7, 8, 9], 3)).rates
     assert rates[0] > 0.5 and rates[1] > 0.5 and rates[2] < 0.5 and rates[3] == 0.5
-    assert budget.choose(match_length=0, available=3) == 0
+    # the shared pool's 3-gram matches are learnt apart from the request's own
+    assert budget.estimates.of(Lookup([7, 6], 3, shared=True)).rates[:3] == \
+        pytest.approx([0.55, 0.45, 0.5])
+    assert budget.choose(Lookup([7, 8, 9], 0)) == 0
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +165,31 @@ def test_prompt_lookup_output_equals_plain_decoding(chain_target):
     costs = measure_verify_costs(chain_target, sizes=(1, 2, 4, 8), context=64, repeats=2)
     assert set(costs.seconds) == {1, 2, 4, 8} and chain_target.num_free_slots == 1
     proposer = NgramProposer(max_tokens=7)
-    budget = LookupBudget(costs, max_ngram=proposer.max_ngram, max_drafted=7)
+    budget = LookupBudget(costs, max_drafted=7)
     adaptive = generate(Engine(chain_target, proposer, budget=budget), REPEAT)
     assert adaptive.output_tokens == plain.output_tokens
     assert any(rate != 0.5 for e in budget.estimates.by_match.values()
                for rate in e.rates)  # learnt
+
+
+def test_a_repeated_request_is_drafted_from_the_shared_pool(chain_target):
+    text = "Write a haiku about the sea."
+    plain = generate(Engine(chain_target), text)
+    pool = SharedNgrams()
+    engine = Engine(chain_target, NgramProposer(max_tokens=7, shared=pool))
+    first, second = generate(engine, text), generate(engine, text)
+    assert first.output_tokens == second.output_tokens == plain.output_tokens
+    # each text: prompt and output (and what the last step verified past max_tokens)
+    length = len(first.prompt_tokens) + len(first.output_tokens)
+    assert 2 * length <= pool.num_tokens <= 2 * (length + 7)
+    # the second answer is the first one: the pool proposes it whole
+    assert second.num_accepted >= len(plain.output_tokens) - 8 > first.num_accepted
+    costs = measure_verify_costs(chain_target, sizes=(1, 2, 4, 8), context=64, repeats=2)
+    budget = LookupBudget(costs, max_drafted=7)
+    budgeted = Engine(chain_target, NgramProposer(max_tokens=7, shared=pool), budget=budget)
+    assert generate(budgeted, text).output_tokens == plain.output_tokens
+    assert any(rate > 0.5 for (shared, _), e in budget.estimates.by_match.items() if shared
+               for rate in e.rates)  # learnt from the pool's proposals
 
 
 def test_the_engine_times_its_decodes_into_live_costs(chain_target):
@@ -138,7 +198,7 @@ def test_the_engine_times_its_decodes_into_live_costs(chain_target):
     # decodes the engine times replace it, and the budget stops trusting it
     costs = LiveCosts(VerifyCosts({1: 1.0, 8: 1.05}), window=1000, min_count=4, refresh=4)
     proposer = NgramProposer(max_tokens=7)
-    budget = LookupBudget(costs, max_ngram=proposer.max_ngram, max_drafted=7)
+    budget = LookupBudget(costs, max_drafted=7)
     adaptive = generate(Engine(chain_target, proposer, budget=budget), REPEAT)
     assert adaptive.output_tokens == plain.output_tokens
     # every decode step is timed, the prompt's step is not (its tokens are no tree)
@@ -153,9 +213,9 @@ class FakeHybrid:
     def __init__(self, clock, draft_seconds, tree_probs, chain=(), match_length=0,
                  chain_rate=0.5):
         self.clock, self.draft_seconds = clock, draft_seconds
-        self.chain, self.match_length = list(chain), match_length
-        self.estimates = LookupEstimates(max_ngram=3, max_drafted=8)
-        self.estimates.by_match[3].rates = [chain_rate] * 8
+        self.chain = Lookup(list(chain), match_length)
+        self.estimates = LookupEstimates(max_drafted=8)
+        self.estimates.of(self.chain).rates = [chain_rate] * 8
         self.tree = DraftTree.chain([0, *range(1, len(tree_probs) + 1)])
         self.tree = DraftTree(self.tree.tokens, self.tree.parents, self.tree.depths,
                               [1.0, *tree_probs])
@@ -163,9 +223,9 @@ class FakeHybrid:
         self.growth_depth = None  # set by the budget: the chain stops there, as growth does
 
     def lookup_chain(self, state):
-        return self.chain, self.match_length
+        return self.chain
 
-    def propose(self, state, root, chain, match_length):
+    def propose(self, state, root, lookup):
         self.clock.now += self.draft_seconds
         self.trees += 1
         if self.growth_depth is None:

@@ -75,14 +75,19 @@ def test_f16_flag_runs_the_systems_on_an_unquantized_copy(tmp_path):
     out = tmp_path / "he16"
     argv = sys.argv
     sys.argv = [str(SCRIPT), "--f16", "--count", "1", "--max-tokens", "8", "--threads", "2",
-                "--systems", "dovetail-plain", "llama-cpp", "--out", str(out)]
+                "--systems", "dovetail-plain", "llama-cpp", "--variant",
+                "chains=--draft ngram --no-adaptive-budget --no-lookup-shared",
+                "--out", str(out)]
     try:
         runpy.run_path(str(SCRIPT), run_name="__main__")
     finally:
         sys.argv = argv
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["model"].endswith("-f16.gguf")
-    assert [s["system"] for s in data["summary"]] == ["dovetail-plain", "llama-cpp"]
+    assert [s["system"] for s in data["summary"]] == ["dovetail-plain", "llama-cpp", "chains"]
     # the F16 copy decodes greedily to the same text in the server and in llama-cpp-python
     assert data["summary"][0]["same_text_as_llama_cpp"] == 1
+    # a variant is the server with its flags: here it drafts a lookup chain every step
+    assert data["variants"] == {"chains": "--draft ngram --no-adaptive-budget --no-lookup-shared"}
+    assert data["rows"]["chains"][0]["drafted"] > 0
     assert data["rows"]["llama-cpp"][0]["tokens"] > 0
