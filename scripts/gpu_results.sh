@@ -11,7 +11,9 @@
 # (the default model's GGUF unless given), STEPS (which of the steps run; default: all,
 # tests-cuda tests-cuda-engine throughput-f16 throughput-q4 profile), SERVE_ARGS (more
 # `dovetail serve` flags for the speculative system, e.g. "--draft runs/new/draft"; the
-# profile step then times that draft too). Each step's output goes to OUT/<step>.log; a
+# profile step then times that draft too), VARIANT (one more server system for both
+# throughput runs, NAME=FLAGS; default "lookup=--draft ngram": prompt lookup alone, no draft,
+# against the draft's default; empty: none). Each step's output goes to OUT/<step>.log; a
 # failing step is reported and the others still run. Needs the project importable
 # (installed, or on PYTHONPATH) and, for the tests, pytest.
 set -uo pipefail
@@ -22,6 +24,9 @@ COUNT=${COUNT:-40}
 SYSTEMS=${SYSTEMS:-dovetail dovetail-plain llama-cpp}
 STEPS=" ${STEPS:-tests-cuda tests-cuda-engine throughput-f16 throughput-q4 profile} "
 SERVE_ARGS=${SERVE_ARGS:-}
+VARIANT_ARGS=()
+VARIANT=${VARIANT-lookup=--draft ngram}
+if [[ -n "$VARIANT" ]]; then VARIANT_ARGS=(--variant "$VARIANT"); fi
 DRAFT=shipped
 if [[ "$SERVE_ARGS" =~ --draft[=[:space:]]+([^[:space:]]+) ]]; then DRAFT=${BASH_REMATCH[1]}; fi
 MODEL_ARGS=()
@@ -66,11 +71,11 @@ fi
 # shellcheck disable=SC2086
 step throughput-f16 "$PYTHON" scripts/humaneval_throughput.py "${MODEL_ARGS[@]}" --f16 \
     --count "$COUNT" --check --systems $SYSTEMS --serve-args="$SERVE_ARGS" \
-    --out "$OUT/humaneval_throughput_f16"
+    "${VARIANT_ARGS[@]}" --out "$OUT/humaneval_throughput_f16"
 # shellcheck disable=SC2086
 step throughput-q4 "$PYTHON" scripts/humaneval_throughput.py "${MODEL_ARGS[@]}" \
     --count "$COUNT" --check --systems $SYSTEMS --serve-args="$SERVE_ARGS" \
-    --out "$OUT/humaneval_throughput"
+    "${VARIANT_ARGS[@]}" --out "$OUT/humaneval_throughput"
 step profile "$PYTHON" scripts/profile_costs.py "${MODEL_ARGS[@]}" --draft "$DRAFT" --trace \
     --max-k 32 --out "$OUT/cost_profile"
 
