@@ -70,7 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="run the tests: pass@1")
     parser.add_argument("--out", type=Path, default=Path("humaneval_throughput"),
                         help="output path without suffix: .json, .md and .png files")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    names = [*args.systems, *(name for name, _ in args.variant)]
+    if len(set(names)) < len(names):
+        parser.error(f"each system once: {' '.join(names)}")
+    return args
 
 
 def variant(text: str) -> tuple[str, list[str]]:

@@ -71,6 +71,21 @@ def test_code_extraction_and_the_execution_check():
     assert not script.passes(problem, "```python\nwhile True:\n    pass\n```", timeout=1)
 
 
+def test_variants_are_named_server_flags_and_every_name_is_new():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import humaneval_throughput as script
+    finally:
+        sys.path.pop(0)
+    args = script.parse_args(["--variant", "own=--no-lookup-shared --draft ngram"])
+    assert args.variant == [("own", ["--no-lookup-shared", "--draft", "ngram"])]
+    for bad in (["--variant", "own"], ["--variant", "=--draft ngram"],
+                ["--variant", "dovetail=--draft none"],
+                ["--variant", "a=--draft none", "--variant", "a=--draft ngram"]):
+        with pytest.raises(SystemExit):
+            script.parse_args(bad)
+
+
 def test_f16_flag_runs_the_systems_on_an_unquantized_copy(tmp_path):
     out = tmp_path / "he16"
     argv = sys.argv
