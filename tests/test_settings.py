@@ -48,6 +48,18 @@ def test_missing_model_file_exits_with_a_message(capsys, tmp_path):
     assert "not found" in capsys.readouterr().err
 
 
+def test_the_shared_lookup_pool_follows_its_flag():
+    from server.builder import build_engine
+
+    for flags, pooled in (([], True), (["--no-lookup-shared"], False)):
+        engine = build_engine(parse(["--draft", "ngram", "--no-adaptive-budget",
+                                     "--threads", "2", "--max-concurrency", "1", *flags]))
+        try:
+            assert (engine.proposer.shared is not None) == pooled
+        finally:
+            engine.target.close()
+
+
 def test_which_draft_is_served(tmp_path):
     import torch
 
