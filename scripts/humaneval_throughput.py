@@ -117,18 +117,22 @@ class ServerSystem:
         seconds = time.perf_counter() - started
         after = scrape(self.client)
         grew = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
-        per_position = {}
+        per_position, proposer = {}, None
         for name, value in grew.items():
             match = re.match(r'dovetail:spec_decode_num_accepted_tokens_per_pos_total'
                              r'\{position="(\d+)"\}', name)
             if match:
                 per_position[int(match.group(1))] = value
+            match = re.match(r'dovetail:spec_decode_requests_by_proposer_total'
+                             r'\{proposer="(\w+)"\}', name)
+            if match and value > 0:
+                proposer = match.group(1)  # the server chose per request: this one
         return {"text": "".join(pieces), "seconds": seconds, "ttft": first,
                 "tau": speculative.get("mean_accepted_length"),
                 "drafted": speculative.get("drafted_tokens", 0),
                 "accepted": speculative.get("accepted_tokens", 0),
                 "drafts": grew.get("dovetail:spec_decode_num_drafts_total", 0.0),
-                "accepted_per_position": per_position,
+                "accepted_per_position": per_position, "proposer": proposer,
                 "draft_seconds": grew.get("dovetail:spec_decode_draft_seconds_total", 0.0),
                 "verify_seconds": grew.get("dovetail:spec_decode_verify_seconds_total", 0.0),
                 "prompt_seconds": grew.get("dovetail:prompt_seconds_total", 0.0),
@@ -226,6 +230,10 @@ def summarise(name: str, rows: list[dict], baseline: list[dict] | None) -> dict:
         summary["median_prompt_s"] = statistics.median(r["prompt_seconds"] for r in rows)
         summary["median_draft_start_s"] = statistics.median(r["draft_start_seconds"]
                                                             for r in rows)
+        chosen = [r["proposer"] for r in rows if r.get("proposer")]
+        if chosen:  # the server chose per request between the draft and lookup alone
+            summary["requests_by_proposer"] = {name: chosen.count(name)
+                                               for name in sorted(set(chosen))}
     if "passed" in rows[0]:
         summary["pass_at_1"] = sum(r["passed"] for r in rows) / len(rows)
     return summary

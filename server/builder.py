@@ -15,6 +15,7 @@ from draft_model.shipped import SHIPPED_DRAFT, fits_shipped_draft
 from draft_model.target_weights import read_target_weights
 from server.budget import LookupBudget, TreeBudget
 from server.engine import Engine
+from server.proposer_choice import Mode, ProposerChoice
 from server.settings import Settings
 from verifier.costs import LiveCosts, cached_verify_costs
 from verifier.target import Target, TargetConfig
@@ -87,8 +88,15 @@ def build_engine(settings: Settings) -> Engine:
     proposer.warm_up(settings.max_concurrency, settings.ctx_size + 1)  # CUDA graphs, now
     if not settings.draft_lookup:
         return Engine(target, proposer)
-    hybrid = HybridProposer(proposer, NgramProposer(max_tokens=tree_tokens - 1, shared=shared))
+    lookup = NgramProposer(max_tokens=tree_tokens - 1, shared=shared)
+    hybrid = HybridProposer(proposer, lookup)
     if not settings.adaptive_budget:
         return Engine(target, hybrid)
     costs = live_costs(target, "draft tree + prompt lookup")
-    return Engine(target, hybrid, budget=TreeBudget(costs))
+    budget = TreeBudget(costs)
+    if not settings.draft_choice:
+        return Engine(target, hybrid, budget=budget)
+    choice = ProposerChoice([Mode("draft", hybrid, budget, features=True),
+                             Mode("lookup", lookup, LookupBudget(costs, tree_tokens - 1),
+                                  features=False)])
+    return Engine(target, hybrid, budget=budget, choice=choice)

@@ -7,6 +7,10 @@ read — are verified in one llama.cpp decode (`Target.evaluate`). Prompts are r
 up for at most one chunk per step. Plain decoding is the same loop without a proposer: each
 tree is just the root, and the target's own next token (the bonus token) is emitted.
 
+With a per-request choice (server/proposer_choice.py) each request gets, when admitted, one
+mode's proposer and budget — the draft, or prompt lookup alone, whose prompt is then read
+without features.
+
 Limits: a sequence past its deadline (or past the shutdown grace) ends with what it has
 ("timeout"); one still waiting for a slot at its deadline, or when the server drains for
 shutdown, is refused ("rejected").
@@ -27,6 +31,7 @@ from draft_model.proposer import Proposer
 from draft_model.tree import DraftTree
 from server.budget import LookupBudget, TreeBudget
 from server.metrics import Metrics
+from server.proposer_choice import ProposerChoice
 from server.sequence import Sequence, SequenceEvent
 from verifier.acceptance import Acceptance, accept_greedy, accept_sampled
 from verifier.costs import LiveCosts
@@ -40,10 +45,13 @@ class Engine:
     def __init__(self, target: Target,
                  proposer: Proposer | HybridProposer | NgramProposer | None = None,
                  metrics: Metrics | None = None,
-                 budget: LookupBudget | TreeBudget | None = None) -> None:
+                 budget: LookupBudget | TreeBudget | None = None,
+                 choice: ProposerChoice | None = None) -> None:
+        """choice: per request, one of its modes' proposer and budget instead of these."""
         self.target = target
         self.proposer = proposer
         self.budget = budget  # per step: which proposal and how many drafted tokens pay
+        self.choice = choice
         self.metrics = metrics
         self.tokenizer = target.tokenizer
         self.chunk_size = target.config.batch_size  # prompt tokens read per step, at most
@@ -167,22 +175,34 @@ class Engine:
             with self._wakeup:
                 sequence = self._waiting.popleft()
             sequence.slot = slot = self.target.acquire_slot(sequence.prompt_tokens)
+            sequence.admitted_at = time.monotonic()
+            if self.choice is not None:
+                sequence.mode = self.choice.pick()
+                if self.metrics is not None:
+                    self.metrics.observe_proposer(sequence.mode.name)
+            proposer = self._proposer(sequence)
             kept = self.target.num_cached(slot)  # a prompt prefix kept from an earlier request
-            if kept and self.proposer is not None:
+            if kept and proposer is not None:
                 # a draft model needs the features of every prompt token: keep only what the
                 # draft state of this slot has seen
-                usable = self.proposer.reusable(slot, sequence.prompt_tokens, kept)
+                usable = proposer.reusable(slot, sequence.prompt_tokens, kept)
                 if usable < kept:
                     self.target.truncate(slot, usable)
                     kept = usable
             sequence.num_prompt_read = kept
             self._active.append(sequence)
 
+    def _proposer(self, sequence: Sequence):
+        return self.proposer if sequence.mode is None else sequence.mode.proposer
+
+    def _budget(self, sequence: Sequence):
+        return self.budget if sequence.mode is None else sequence.mode.budget
+
     def _draft(self, sequences: list[Sequence]) -> list[tuple[Sequence, DraftTree]]:
         """A tree for each decoding sequence (just its root when there is no proposer)."""
         trees = []
         for sequence in sequences:
-            if self.proposer is None:
+            if self._proposer(sequence) is None:
                 trees.append((sequence, DraftTree.root_only(sequence.root_token)))
                 continue
             started = time.perf_counter()
@@ -194,17 +214,18 @@ class Engine:
         return trees
 
     def _propose(self, sequence: Sequence) -> DraftTree:
-        if self.budget is not None:
-            tree = self.budget.propose(self.proposer, sequence)
+        proposer, budget = self._proposer(sequence), self._budget(sequence)
+        if budget is not None:
+            tree = budget.propose(proposer, sequence)
         else:
-            tree = self.proposer.propose(sequence.draft_state, sequence.root_token)
+            tree = proposer.propose(sequence.draft_state, sequence.root_token)
         self.target.check_tree(TreeRequest(sequence.slot, tree.tokens, tree.parents))
         return tree
 
     def _launch(self, sequence: Sequence) -> None:
         """Start the next tree on the draft's device (with device growth; else a no-op)."""
         started = time.perf_counter()
-        self.proposer.launch(sequence.draft_state)
+        self._proposer(sequence).launch(sequence.draft_state)
         sequence.launch_seconds = time.perf_counter() - started
 
     def _next_chunks(self, sequences: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
@@ -227,7 +248,8 @@ class Engine:
         try:
             tree_outputs, chunk_outputs = self.target.evaluate(
                 [TreeRequest(s.slot, tree.tokens, tree.parents) for s, tree in trees],
-                [PromptChunk(s.slot, tokens) for s, tokens in chunks])
+                [PromptChunk(s.slot, tokens, features=s.mode is None or s.mode.features)
+                 for s, tokens in chunks])
         except Exception as error:
             log.exception("a target decode failed")
             for sequence, _ in (*trees, *chunks):
@@ -249,7 +271,8 @@ class Engine:
     def _read_prompt(self, sequence: Sequence, tokens: list[int], output: ChunkOutput) -> None:
         """A prompt chunk was evaluated; after the last one, choose the first token."""
         sequence.num_prompt_read += len(tokens)
-        if self.proposer is not None:
+        proposer = self._proposer(sequence)
+        if proposer is not None:
             sequence.prompt_features.append(output.features)
         if sequence.num_prompt_read < len(sequence.prompt_tokens):
             return
@@ -258,16 +281,16 @@ class Engine:
         sequence.record_step(num_drafted=0, num_accepted=0)
         sequence.root_token = token
         sequence.add_token(token, self.tokenizer)
-        if self.proposer is not None:
+        if proposer is not None:
             if not sequence.is_finished:  # (a finished one's last event goes out with the step)
                 self._emit(sequence)  # the first token goes out before the proposer starts
             started = time.perf_counter()
             # sized for the longest request, so that every state can serve any request
             capacity = max(self.target.config.ctx_size,
                            len(sequence.prompt_tokens) + sequence.max_new_tokens) + 1
-            sequence.draft_state = self.proposer.new_state(capacity, key=sequence.slot)
-            self.proposer.begin(sequence.draft_state, sequence.prompt_tokens,
-                                np.concatenate(sequence.prompt_features), token)
+            sequence.draft_state = proposer.new_state(capacity, key=sequence.slot)
+            proposer.begin(sequence.draft_state, sequence.prompt_tokens,
+                           np.concatenate(sequence.prompt_features), token)
             self._launch(sequence)
             sequence.prompt_features.clear()
             if self.metrics is not None:
@@ -278,10 +301,10 @@ class Engine:
         acceptance = self._accept(sequence, tree, output)
         new_tokens = [tree.tokens[node] for node in acceptance.path[1:]]
         new_tokens.append(acceptance.bonus_token)
-        if self.proposer is not None:
-            self.proposer.commit(sequence.draft_state, output.features[acceptance.path],
-                                 new_tokens)
-            if self.budget is None or sequence.budget_step is not None:  # drafted a tree
+        proposer, budget = self._proposer(sequence), self._budget(sequence)
+        if proposer is not None:
+            proposer.commit(sequence.draft_state, output.features[acceptance.path], new_tokens)
+            if budget is None or sequence.budget_step is not None:  # drafted a tree
                 self._launch(sequence)  # likely to draft again: start it now
         self.target.commit(sequence.slot, acceptance.path)
         sequence.record_step(num_drafted=tree.num_drafted, num_accepted=acceptance.num_accepted)
@@ -293,8 +316,8 @@ class Engine:
             sequence.add_token(token, self.tokenizer)
             if sequence.is_finished:
                 break
-        if self.budget is not None:
-            self.budget.observe(sequence, tree, acceptance.num_accepted)
+        if budget is not None:
+            budget.observe(sequence, tree, acceptance.num_accepted)
 
     @staticmethod
     def _accept(sequence: Sequence, tree: DraftTree, output: TreeOutput) -> Acceptance:
@@ -345,8 +368,11 @@ class Engine:
                     self.target.release_slot(slot)
                     sequence.slot = None
                 if sequence.draft_state is not None:  # kept for the slot's next request
-                    self.proposer.release(sequence.draft_state, key=slot)
+                    self._proposer(sequence).release(sequence.draft_state, key=slot)
                     sequence.draft_state = None
+                if sequence.mode is not None and sequence.finish_reason in ("stop", "length"):
+                    self.choice.observe(sequence.mode, time.monotonic() - sequence.admitted_at,
+                                        len(sequence.output_tokens))
             else:
                 still_active.append(sequence)
         self._active = still_active

@@ -82,6 +82,11 @@ class Metrics:
         self.draft_start_seconds = Counter(prefix + "spec_decode_draft_start_seconds",
                                            "Time the proposer took to take in prompts "
                                            "before their first tokens", registry=registry)
+        self.proposer_requests = Counter(
+            prefix + "spec_decode_requests_by_proposer",
+            "Requests served by each proposer, where the server chooses per request "
+            "(draft: the draft model's tree with lookup merged in; lookup: prompt lookup "
+            "alone)", ["proposer"], registry=registry)
 
     def observe_prompt(self, seconds: float) -> None:
         """One target decode that read prompt tokens (it may have verified trees too)."""
@@ -91,6 +96,10 @@ class Metrics:
         """The proposer took in a prompt (a draft model: its features) before that
         request's first token."""
         self.draft_start_seconds.inc(seconds)
+
+    def observe_proposer(self, name: str) -> None:
+        """A request was given to a proposer (server/proposer_choice.py)."""
+        self.proposer_requests.labels(proposer=name).inc()
 
     def observe_verify(self, seconds: float) -> None:
         """One target decode that verified the trees of all decoding sequences."""

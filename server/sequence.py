@@ -82,6 +82,8 @@ class Sequence:
     launch_seconds: float = 0.0  # starting the next tree early (Proposer.launch), host time
     pending_proposals: list = field(default_factory=list)  # for the adaptive budget's scoring
     budget_step: tuple | None = None  # the adaptive budget's note on this step's tree
+    mode: Any = None  # with a per-request choice: its proposer and budget (proposer_choice)
+    admitted_at: float = 0.0  # time.monotonic() when it got a slot
 
     def __post_init__(self) -> None:
         seed = self.params.seed

@@ -11,6 +11,7 @@ from draft_model.shared_ngrams import SharedNgrams
 from draft_model.tree import DraftTree
 from server.budget import DEPTH_WINDOW, LookupBudget, TreeBudget, best_length
 from server.engine import Engine
+from server.proposer_choice import Mode, ProposerChoice
 from server.sequence import Sequence
 from tests.conftest import make_target
 from verifier.costs import LiveCosts, VerifyCosts, measure_verify_costs
@@ -318,3 +319,21 @@ def test_tree_budget_calibrates_the_draft_probabilities():
     budget = TreeBudget(FLAT, clock=clock)
     run_budget(budget, proposer, 100)
     assert budget.calibration > 0.9
+
+
+def test_each_request_goes_to_the_mode_that_served_faster_and_the_other_one_is_retried():
+    draft = Mode("draft", proposer=None, budget=None, features=True)
+    lookup = Mode("lookup", proposer=None, budget=None, features=False)
+    choice = ProposerChoice([draft, lookup], explore=4)
+    assert choice.pick() is draft and choice.pick() is draft  # untried until one finishes
+    choice.observe(draft, seconds=2.0, tokens=100)  # 20 ms a token
+    assert choice.pick() is lookup
+    choice.observe(lookup, seconds=1.0, tokens=100)  # 10 ms a token: lookup alone wins
+    picks = [choice.pick().name for _ in range(8)]
+    assert picks.count("lookup") == 6 and picks.count("draft") == 2  # every 4th: the other
+    for _ in range(6):  # the draft turns out faster now (other texts): the choice follows
+        choice.observe(draft, seconds=0.5, tokens=100)
+    picks = [choice.pick().name for _ in range(8)]
+    assert picks.count("draft") == 6 and picks.count("lookup") == 2
+    choice.observe(lookup, seconds=1.0, tokens=0)  # nothing produced: no evidence
+    assert lookup.requests == 1

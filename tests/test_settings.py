@@ -60,6 +60,28 @@ def test_the_shared_lookup_pool_follows_its_flag():
             engine.target.close()
 
 
+def test_with_a_draft_each_request_may_go_to_lookup_alone():
+    from server.builder import build_engine
+    from verifier.machine import run_on_fresh_thread
+
+    base = ["--draft", "shipped", "--draft-device", "cpu", "--threads", "2",
+            "--max-concurrency", "1", "--ctx-size", "512"]
+    for flags, chosen in (([], True), (["--no-draft-choice"], False)):
+        engine = run_on_fresh_thread(build_engine, parse([*base, *flags]))
+        try:
+            if chosen:
+                draft, lookup = engine.choice.modes
+                assert (draft.name, draft.features, lookup.name, lookup.features) == \
+                    ("draft", True, "lookup", False)
+                assert draft.proposer is engine.proposer and draft.budget is engine.budget
+                assert lookup.proposer is engine.proposer.lookup  # one lookup pool for both
+                assert lookup.budget.costs is engine.budget.costs  # one measured T_V
+            else:
+                assert engine.choice is None
+        finally:
+            engine.target.close()
+
+
 def test_which_draft_is_served(tmp_path):
     import torch
 

@@ -25,11 +25,13 @@ from draft_model.hybrid import HybridProposer
 from draft_model.model import DraftModel
 from draft_model.ngram import NgramProposer
 from draft_model.proposer import Proposer, TreeShape
+from draft_model.shared_ngrams import SharedNgrams
 from draft_model.target_weights import read_target_weights
 from draft_model.train import Batch, TrainConfig, train_steps
 from draft_model.vocab import most_frequent_tokens
-from server.budget import TreeBudget
+from server.budget import LookupBudget, TreeBudget
 from server.engine import Engine
+from server.proposer_choice import Mode, ProposerChoice
 from server.sequence import Sequence
 from tests.conftest import NEAR_TIE, Reference, make_target, plain_greedy, prompt_tokens
 from verifier.costs import VerifyCosts
@@ -354,3 +356,34 @@ def test_draft_tree_with_prompt_lookup_equals_plain_decoding(budgeted, target, r
                              budget=TreeBudget(FLAT_COSTS) if budgeted else None), [COPY])[0]
     assert matches(helped.output_tokens, reference, COPY[0])
     assert helped.num_accepted > alone.num_accepted + 8
+
+
+def test_requests_go_to_the_draft_or_to_lookup_alone_and_both_equal_plain_decoding(
+        target, references, random_draft, monkeypatch):
+    """Per request, the draft (prompt read with features) or lookup alone (prompt read
+    without them, as plain decoding reads it): every output is the target's own."""
+    lookup = NgramProposer(max_tokens=TREE.total_tokens - 1, shared=SharedNgrams())
+    hybrid = HybridProposer(Proposer(random_draft, TREE, device_growth=True), lookup)
+    draft_mode = Mode("draft", hybrid, TreeBudget(FLAT_COSTS), features=True)
+    lookup_mode = Mode("lookup", lookup, LookupBudget(FLAT_COSTS, TREE.total_tokens - 1),
+                       features=False)
+    engine = Engine(target, hybrid, budget=draft_mode.budget,
+                    choice=ProposerChoice([draft_mode, lookup_mode], explore=2))
+    chunks_read = []
+    evaluate = target.evaluate
+
+    def recording(trees, chunks):
+        chunks_read.extend(chunk.features for chunk in chunks)
+        return evaluate(trees, chunks)
+
+    monkeypatch.setattr(target, "evaluate", recording)
+    prompts = PROMPTS[4:10]
+    sequences = generate(engine, prompts)
+    modes = [sequence.mode.name for sequence in sequences]
+    assert modes[:2] == ["draft", "lookup"] and len(set(modes[2:])) == 2
+    assert chunks_read.count(False) == modes.count("lookup")  # one chunk per prompt here
+    assert draft_mode.requests + lookup_mode.requests == len(prompts)
+    for sequence, reference, (text, _) in zip(sequences, references[4:10], prompts,
+                                              strict=True):
+        assert matches(sequence.output_tokens, reference, text)
+        assert sequence.num_accepted > 0 or sequence.mode is draft_mode

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import make_target
+from verifier.target import PromptChunk
 
 CHAT = "<|im_start|>user\nWrite a short story about a robot who learns to paint.<|im_end|>\n" \
        "<|im_start|>assistant\n"
@@ -276,6 +277,30 @@ def test_a_target_without_features_decodes_the_same_tokens(f16_model, f16_target
         np.testing.assert_allclose(output.last_logits,
                                    f16_target.prefill(full_slot, prompt).last_logits, atol=0.05)
         f16_target.release_slot(full_slot)
+    finally:
+        plain.close()
+
+
+def test_a_prompt_read_without_features_is_a_plain_targets_read(f16_model, f16_target):
+    """A features target reads a prompt chunk that needs no features as a target without
+    features does (llama.cpp's embeddings off for that decode: the last token's logits
+    only), and the next decode has features again."""
+    plain = make_target(f16_model, num_slots=1, features=False)
+    try:
+        prompt = prompt_tokens(plain)
+        reference = plain.prefill(plain.acquire_slot(), prompt)
+        slot = f16_target.acquire_slot()
+        _, [chunk] = f16_target.evaluate([], [PromptChunk(slot, prompt, features=False)])
+        assert chunk.features.shape == (1, 0)
+        np.testing.assert_array_equal(chunk.last_logits, reference.last_logits)
+        root = int(np.argmax(chunk.last_logits))
+        tree = f16_target.verify_tree(slot, [root, 42], [-1, 0])
+        assert tree.features.shape == (2, f16_target.hidden_size)
+        f16_target.release_slot(slot)
+        other = f16_target.acquire_slot()
+        _, [full] = f16_target.evaluate([], [PromptChunk(other, prompt)])
+        assert full.features.shape == (len(prompt), f16_target.hidden_size)
+        f16_target.release_slot(other)
     finally:
         plain.close()
 

@@ -12,6 +12,10 @@ between `verify_tree` and `commit`.
 
 With `features` on (for a draft), the context has embeddings on, so every decoded token
 yields both its logits and its post-final-norm hidden state (the feature the draft reads).
+While embeddings are on llama.cpp makes every token an output (the LM head runs for each);
+a decode of only prompt chunks that need no features (`PromptChunk.features` off: a request
+served without the draft) turns them off for that decode, computing the last token's logits
+only, as a target without features does.
 
 `evaluate` is the one decode: the trees of several slots and chunks of other slots' prompts
 go into a single llama.cpp batch (distinct sequence ids keep them apart), so concurrent
@@ -82,12 +86,13 @@ class PromptChunk:
 
     slot: int
     tokens: Sequence[int]
+    features: bool = True  # (with a features target) every token's feature, for a draft
 
 
 @dataclass(frozen=True)
 class ChunkOutput:
     last_logits: np.ndarray  # [vocab] float32: predicts the token after the chunk
-    features: np.ndarray  # [len(tokens), hidden] float32, post-final-norm
+    features: np.ndarray  # [len(tokens), hidden] float32, post-final-norm ([1, 0]: none)
 
 
 @dataclass
@@ -188,6 +193,7 @@ class Target:
             llama_cpp.llama_model_free(self._model)
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._embeddings = config.features  # the context's current setting
         self._batch = _Batch(batch_capacity, num_seq_max)
         self._slots = [_Slot() for _ in range(config.num_slots)]
 
@@ -330,6 +336,7 @@ class Target:
         if total > self._batch.capacity:
             raise ValueError(f"{total} tokens exceed the decode capacity of {self._batch.capacity}")
 
+        features = self.config.features and (bool(trees) or any(c.features for c in chunks))
         tokens: list[int] = []
         positions: list[int] = []
         seqs: list[Sequence[int]] = []
@@ -348,7 +355,10 @@ class Target:
             tokens.extend(chunk.tokens)
             positions.extend(range(cached, cached + count))
             seqs.extend([(base,)] * count)
-            outputs.extend([self.config.features] * (count - 1) + [True])
+            outputs.extend([features] * (count - 1) + [True])
+        if self.config.features and features != self._embeddings:
+            llama_cpp.llama_set_embeddings(self._ctx, features)
+            self._embeddings = features
         try:
             self._decode(tokens, positions, seqs, outputs)
         except RuntimeError:
@@ -358,19 +368,19 @@ class Target:
 
         num_outputs = sum(outputs)
         logits = self._outputs(llama_cpp.llama_get_logits, num_outputs, self.vocab_size)
-        features = self._outputs(llama_cpp.llama_get_embeddings, num_outputs, self.hidden_size) \
-            if self.config.features else np.empty((num_outputs, 0), dtype=np.float32)
+        hidden = self._outputs(llama_cpp.llama_get_embeddings, num_outputs, self.hidden_size) \
+            if features else np.empty((num_outputs, 0), dtype=np.float32)
         tree_outputs, chunk_outputs = [], []
         offset = 0
         for tree in trees:
             rows = slice(offset, offset + len(tree.tokens))
             tree_outputs.append(TreeOutput(logits=logits[rows].copy(),
-                                           features=features[rows].copy()))
+                                           features=hidden[rows].copy()))
             offset = rows.stop
         for chunk in chunks:
-            rows = slice(offset, offset + (len(chunk.tokens) if self.config.features else 1))
+            rows = slice(offset, offset + (len(chunk.tokens) if features else 1))
             chunk_outputs.append(ChunkOutput(last_logits=logits[rows.stop - 1].copy(),
-                                             features=features[rows].copy()))
+                                             features=hidden[rows].copy()))
             self._slots[chunk.slot].num_cached += len(chunk.tokens)
             self._slots[chunk.slot].tokens.extend(chunk.tokens)
             offset = rows.stop
