@@ -10,8 +10,10 @@ alone (no features, no draft) is faster.
 
 So each request goes to the mode that has lately served its requests faster, in seconds per
 output token from admission to the end; every `explore`-th request goes to the other one,
-so a mode that would pay again (other texts, another load) is noticed. Each mode is tried
-first, in order.
+so a mode that would pay again (other texts, another load) is noticed — only every
+4 × `explore`-th while the other one is more than FAR times slower (a large target with a
+good draft: lookup alone there would cost a whole request's worth of speed each time). Each
+mode is tried first, in order.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from draft_model.hybrid import HybridProposer
 from draft_model.ngram import NgramProposer
 from server.budget import LookupBudget, TreeBudget
+
+FAR = 1.5  # a mode this much slower than the other is retried 4 times less often
 
 
 @dataclass
@@ -46,7 +50,8 @@ class ProposerChoice:
         if untried:
             return untried[0]
         fast, slow = sorted(self.modes, key=lambda mode: mode.seconds_per_token)
-        return slow if self.picks % self.explore == 0 else fast
+        far = slow.seconds_per_token > FAR * fast.seconds_per_token
+        return slow if self.picks % (4 * self.explore if far else self.explore) == 0 else fast
 
     def observe(self, mode: Mode, seconds: float, tokens: int) -> None:
         """A finished request: its time from admission to the end, its output tokens."""

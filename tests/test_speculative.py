@@ -377,6 +377,8 @@ def test_requests_go_to_the_draft_or_to_lookup_alone_and_both_equal_plain_decodi
         return evaluate(trees, chunks)
 
     monkeypatch.setattr(target, "evaluate", recording)
+    # every 2nd request to the slower mode, however much slower: both modes take turns
+    monkeypatch.setattr("server.proposer_choice.FAR", float("inf"))
     prompts = PROMPTS[4:10]
     sequences = generate(engine, prompts)
     modes = [sequence.mode.name for sequence in sequences]
