@@ -42,6 +42,7 @@ from server.local_server import LocalServer
 from verifier.default_model import default_model_path
 from verifier.gguf_convert import write_f16_copy
 from verifier.machine import describe_cpu, physical_cores
+from verifier.weight_buffers import SETTINGS, llama_weight_buffers, use_extra_buffers
 
 SERVER_SYSTEMS = {"dovetail": [], "dovetail-plain": ["--draft", "none"]}
 LLAMA_SYSTEMS = ("llama-cpp", "llama-cpp-lookup")
@@ -65,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "reported as NAME (repeatable)")
     parser.add_argument("--serve-args", default="",
                         help="extra flags for the `dovetail` system, e.g. '--draft shipped'")
+    parser.add_argument("--extra-buffers", choices=SETTINGS, default="auto",
+                        help="llama.cpp's extra weight buffer types, for every system alike "
+                        "(verifier/weight_buffers.py; auto: off where the build uses AMX)")
     parser.add_argument("--lookup-tokens", type=int, default=10,
                         help="LlamaPromptLookupDecoding num_pred_tokens (its default: 10)")
     parser.add_argument("--check", action="store_true", help="run the tests: pass@1")
@@ -86,10 +90,12 @@ def variant(text: str) -> tuple[str, list[str]]:
 
 
 class ServerSystem:
-    def __init__(self, name: str, model: Path, threads: int, flags: list[str]) -> None:
+    def __init__(self, name: str, model: Path, threads: int, extra_buffers: str,
+                 flags: list[str]) -> None:
         self.name = name
         self.server = LocalServer.start("--model", str(model), "--threads", str(threads),
-                                        "--max-concurrency", "1", "--ctx-size", "2048", *flags)
+                                        "--max-concurrency", "1", "--ctx-size", "2048",
+                                        "--extra-buffers", extra_buffers, *flags)
         # One client for all requests, as an application keeps one (the `openai` client
         # does): a new httpx client loads the CA certificates, ~60 ms on 2 cores, which
         # timed per request made the server look 2% slower than it is.
@@ -145,15 +151,17 @@ class ServerSystem:
 
 
 class LlamaSystem:
-    def __init__(self, name: str, model: Path, threads: int, lookup_tokens: int) -> None:
+    def __init__(self, name: str, model: Path, threads: int, extra_buffers: str,
+                 lookup_tokens: int) -> None:
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         self.name = name
         draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup_tokens) \
             if name == "llama-cpp-lookup" else None
-        self.llm = Llama(str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
-                         draft_model=draft, verbose=False)
+        with llama_weight_buffers(extra_buffers):
+            self.llm = Llama(str(model), n_ctx=2048, n_threads=threads,
+                             n_threads_batch=threads, draft_model=draft, verbose=False)
 
     def run(self, messages: list[dict], max_tokens: int) -> dict:
         started = time.perf_counter()
@@ -245,7 +253,9 @@ def write_report(report: dict, out: Path) -> None:
     summaries = report["summary"]
     lines = [f"HumanEval problems {report['offset']}–{report['offset'] + report['count'] - 1}, "
              f"{report['max_tokens']} tokens, T=0, {report['threads']} threads, "
-             f"{report['model']}; {report['machine']}", "",
+             f"{report['model']}; {report['machine']}"
+             + ("" if report.get("extra_buffers", True) else
+                "; weights in plain buffers (no AMX/repacking) for every system"), "",
              "| system | tok/s median (q1–q3) | total tok/s | vs llama-cpp | TTFT s | τ "
              "| acceptance | same text | pass@1 |", "|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
@@ -310,11 +320,12 @@ def run(args: argparse.Namespace, model: Path) -> None:
             if name in SERVER_SYSTEMS:
                 flags = SERVER_SYSTEMS[name] + (args.serve_args.split() if name == "dovetail"
                                                 else [])
-                systems.append(ServerSystem(name, model, threads, flags))
+                systems.append(ServerSystem(name, model, threads, args.extra_buffers, flags))
             else:
-                systems.append(LlamaSystem(name, model, threads, args.lookup_tokens))
+                systems.append(LlamaSystem(name, model, threads, args.extra_buffers,
+                                           args.lookup_tokens))
         for name, flags in args.variant:
-            systems.append(ServerSystem(name, model, threads, flags))
+            systems.append(ServerSystem(name, model, threads, args.extra_buffers, flags))
         tokenizer = _tokenizer(model)
         rows = {system.name: [] for system in systems}
         for problem in tqdm(problems, desc="HumanEval", unit="problem", dynamic_ncols=True):
@@ -331,6 +342,7 @@ def run(args: argparse.Namespace, model: Path) -> None:
             system.close()
     baseline = rows.get("llama-cpp")
     report = {"machine": describe_cpu(), "model": model.name, "threads": threads,
+              "extra_buffers": use_extra_buffers(args.extra_buffers),
               "count": args.count, "offset": args.offset, "max_tokens": args.max_tokens,
               "serve_args": args.serve_args, "lookup_tokens": args.lookup_tokens,
               "variants": {name: " ".join(flags) for name, flags in args.variant},

@@ -65,6 +65,7 @@ def build_engine(settings: Settings) -> Engine:
         batch_size=settings.batch_size,
         num_threads=settings.num_threads,
         flash_attn=settings.flash_attn,
+        extra_buffers=settings.extra_buffers,
         features=source not in (None, NGRAM),
         reuse_prefixes=settings.prefix_reuse,
     ))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,6 +69,10 @@ class Settings(BaseSettings):
         4096, ge=64, description="Context length per request: prompt + completion tokens."
     )
     batch_size: int = Field(512, ge=1, description="Tokens per llama.cpp decode during prefill.")
+    extra_buffers: Literal["auto", "on", "off"] = Field(
+        "auto", description="llama.cpp's extra weight buffer types (AMX tiles, repacked "
+        "layouts); auto: off where the llama.cpp build uses AMX, whose matrix kernel "
+        "crashed the first decode on a Sapphire Rapids VM (llama.cpp issue 20824).")
     flash_attn: bool = Field(
         False, description="llama.cpp flash attention (off: greedy text equals llama-cpp-python's)."
     )

@@ -11,6 +11,7 @@ import pytest
 from llama_cpp import Llama
 
 from tests.conftest import NUM_THREADS, is_valid_utf8
+from verifier.weight_buffers import llama_weight_buffers
 
 MESSAGES = [
     [{"role": "user", "content": "Write a haiku about autumn leaves."}],
@@ -98,7 +99,8 @@ def test_completions_plain_and_streamed(client):
 
 @pytest.fixture(scope="module")
 def llama_cpp_reference(default_model):
-    return Llama(str(default_model), n_ctx=2048, n_threads=NUM_THREADS, verbose=False)
+    with llama_weight_buffers():  # as the server places them
+        return Llama(str(default_model), n_ctx=2048, n_threads=NUM_THREADS, verbose=False)
 
 
 @pytest.mark.parametrize("messages", MESSAGES)

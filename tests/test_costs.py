@@ -114,7 +114,7 @@ def test_costs_are_measured_once_and_entries_of_an_older_measurement_are_ignored
     model = tmp_path / "model.gguf"
     model.write_bytes(b"gguf")
     target = SimpleNamespace(config=SimpleNamespace(model_path=model, num_threads=2,
-                                                    max_tree_nodes=8))
+                                                    max_tree_nodes=8, extra_buffers="on"))
     calls = []
 
     def measure(target, progress=None):
@@ -131,6 +131,10 @@ def test_costs_are_measured_once_and_entries_of_an_older_measurement_are_ignored
     assert len(calls) == 1 and calls[0]  # measured once, with a progress bar
     entries = json.loads(cache.read_text())
     assert old_key in entries and len(entries) == 2
+    # weights in plain buffers run other kernels: measured apart
+    target.config.extra_buffers = "off"
+    cached_verify_costs(target, cache)
+    assert len(calls) == 2 and len(json.loads(cache.read_text())) == 3
 
 
 PROFILE = VerifyCosts({1: 1.0, 2: 1.7, 4: 2.5, 8: 4.0})

@@ -1,5 +1,6 @@
 import argparse
 
+import numpy as np
 import pytest
 
 from server.cli import main
@@ -37,7 +38,8 @@ def test_default_model_is_the_packaged_gguf():
 
 
 @pytest.mark.parametrize("argv", [["--port", "-1"], ["--ctx-size", "big"],
-                                  ["--draft", "/no/such/draft"], ["--max-concurrency", "0"]])
+                                  ["--draft", "/no/such/draft"], ["--max-concurrency", "0"],
+                                  ["--extra-buffers", "maybe"]])
 def test_invalid_settings_exit_with_a_message(argv, capsys):
     assert main(["serve", *argv]) == 2
     assert "dovetail: --" in capsys.readouterr().err
@@ -56,6 +58,21 @@ def test_the_shared_lookup_pool_follows_its_flag():
                                      "--threads", "2", "--max-concurrency", "1", *flags]))
         try:
             assert (engine.proposer.shared is not None) == pooled
+        finally:
+            engine.target.close()
+
+
+def test_the_weight_buffers_follow_their_flag():
+    from server.builder import build_engine
+
+    for flags, setting in (([], "auto"), (["--extra-buffers", "off"], "off")):
+        engine = build_engine(parse(["--draft", "none", "--threads", "2",
+                                     "--max-concurrency", "1", "--ctx-size", "256", *flags]))
+        try:
+            assert engine.target.config.extra_buffers == setting
+            target = engine.target
+            logits = target.prefill(target.acquire_slot(), [1, 504, 2184]).last_logits
+            assert logits.shape == (target.vocab_size,) and np.isfinite(logits).all()
         finally:
             engine.target.close()
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from verifier.machine import describe_cpu, run_on_fresh_thread
 from verifier.target import Target
+from verifier.weight_buffers import use_extra_buffers
 
 DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
 CACHE_VERSION = 3  # bump when the measurement changes: older entries are measured again
@@ -161,14 +162,15 @@ def non_decreasing(seconds: dict[int, float]) -> dict[int, float]:
 
 
 def cached_verify_costs(target: Target, cache_file: Path | None = None) -> VerifyCosts:
-    """Measured once per model file (name, size, mtime), thread count and CPU, then read
-    from the cache (~/.cache/dovetail/verify_costs.json unless given)."""
+    """Measured once per model file (name, size, mtime), thread count, CPU and weight
+    buffers, then read from the cache (~/.cache/dovetail/verify_costs.json unless given)."""
     cache_file = cache_file or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) \
         / "dovetail" / "verify_costs.json"
     model = Path(target.config.model_path)
     stat = model.stat()
     key = f"v{CACHE_VERSION}|{model.name}|{stat.st_size}|{int(stat.st_mtime)}|" \
-          f"{target.config.num_threads}|{target.config.max_tree_nodes}|{describe_cpu()}"
+          f"{target.config.num_threads}|{target.config.max_tree_nodes}|{describe_cpu()}|" \
+          f"extra-buffers-{use_extra_buffers(target.config.extra_buffers)}"
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):

@@ -35,6 +35,7 @@ import numpy as np
 
 from verifier.chat_template import ChatTemplate
 from verifier.tokenizer import Tokenizer
+from verifier.weight_buffers import use_extra_buffers
 
 _backend_ready = False
 
@@ -57,6 +58,9 @@ class TargetConfig:
     # A released slot keeps its tokens' KV; a new prompt gets the free slot that shares the
     # longest prefix with it and skips evaluating that prefix (as llama-cpp-python does).
     reuse_prefixes: bool = False
+    # llama.cpp's extra weight buffer types (AMX tiles, repacked layouts): "auto" (off where
+    # the build uses AMX, whose kernel crashed here: verifier/weight_buffers.py), "on", "off".
+    extra_buffers: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ class Target:
 
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
+        model_params.use_extra_bufts = use_extra_buffers(config.extra_buffers)
         self._model = llama_cpp.llama_model_load_from_file(
             str(config.model_path).encode(), model_params
         )
