@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(engine: Engine, prompts: list[list[int]], max_tokens: int, label: str) -> dict:
     stats = AcceptanceStats()
-    outputs, tokens, steps, seconds = [], 0, 0, 0.0
+    outputs, tokens, chosen, steps, seconds = [], 0, 0, 0, 0.0
     for prompt in tqdm(prompts, desc=label, unit="problem", dynamic_ncols=True):
         sequence = Sequence(prompt, SamplingParams(temperature=0), max_tokens, [],
                             sink=lambda event: None)
@@ -73,10 +73,11 @@ def run(engine: Engine, prompts: list[list[int]], max_tokens: int, label: str) -
         seconds += time.perf_counter() - start
         outputs.append(sequence.output_tokens)
         tokens += len(sequence.output_tokens)
+        chosen += sequence.num_chosen  # an ending EOS too: its step chose it
         steps += sequence.num_verify_steps
         for accepted in sequence.accepted_lengths:
             stats.add(accepted)
-    return {"tau": round(tokens / steps, 4), "completion_tokens": tokens, "verify_steps": steps,
+    return {"tau": round(chosen / steps, 4), "completion_tokens": tokens, "verify_steps": steps,
             "tokens_per_second": round(tokens / seconds, 2),
             "per_position_acceptance": [round(r, 4) for r in stats.per_position()],
             "outputs": outputs}

@@ -135,6 +135,7 @@ class ServerSystem:
                 proposer = match.group(1)  # the server chose per request: this one
         return {"text": "".join(pieces), "seconds": seconds, "ttft": first,
                 "tau": speculative.get("mean_accepted_length"),
+                "verify_steps": speculative.get("verify_steps", 0),
                 "drafted": speculative.get("drafted_tokens", 0),
                 "accepted": speculative.get("accepted_tokens", 0),
                 "drafts": grew.get("dovetail:spec_decode_num_drafts_total", 0.0),
@@ -224,8 +225,8 @@ def summarise(name: str, rows: list[dict], baseline: list[dict] | None) -> dict:
     if rows[0].get("tau") is not None:
         drafted = sum(r["drafted"] for r in rows)
         drafts = sum(r["drafts"] for r in rows)
-        summary["tau"] = sum(r["tokens"] for r in rows) / sum(
-            r["tokens"] / r["tau"] for r in rows if r["tau"])
+        steps = sum(r["verify_steps"] for r in rows)
+        summary["tau"] = sum(r["tau"] * r["verify_steps"] for r in rows) / steps
         summary["acceptance_rate"] = sum(r["accepted"] for r in rows) / drafted if drafted else None
         positions = sorted({p for r in rows for p in r["accepted_per_position"]})
         summary["accepted_per_position"] = {

@@ -251,7 +251,7 @@ class _RequestClock:
         log.info(json.dumps({
             "request_id": self.request_id, "status": status,
             "prompt_tokens": len(sequence.prompt_tokens), "completion_tokens": completion,
-            "tau": round(completion / steps, 3) if steps else None,
+            "tau": round(sequence.num_chosen / steps, 3) if steps else None,
             "ttft_s": None if self.first_token is None else round(self.first_token, 4),
             "latency_s": round(total, 4)}))
 

@@ -28,6 +28,7 @@ class Usage:
     verify_steps: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0  # drafted tokens the target accepted (bonus tokens excluded)
+    chosen_tokens: int = 0  # tokens the target chose: the completion and an ending EOS
 
     def as_dict(self) -> dict:
         return {
@@ -37,8 +38,9 @@ class Usage:
         }
 
     def speculative_dict(self) -> dict:
-        """τ = completion tokens per target verification step (1.0 for plain decoding)."""
-        tau = self.completion_tokens / self.verify_steps if self.verify_steps else 0.0
+        """τ = tokens the target chose per verification step (1.0 for plain decoding): an
+        ending EOS counts, as its step was spent choosing it."""
+        tau = self.chosen_tokens / self.verify_steps if self.verify_steps else 0.0
         return {"verify_steps": self.verify_steps, "drafted_tokens": self.drafted_tokens,
                 "accepted_tokens": self.accepted_tokens, "mean_accepted_length": round(tau, 4)}
 
@@ -73,6 +75,7 @@ class Sequence:
     num_verify_steps: int = 0  # target passes that chose tokens (the prefill included)
     num_drafted: int = 0
     num_accepted: int = 0
+    num_chosen: int = 0  # tokens the target chose and the sequence took in (EOS included)
     accepted_lengths: list[int] = field(default_factory=list)  # per step that drafted
     cancelled: threading.Event = field(default_factory=threading.Event)
     deadline: float | None = None  # time.monotonic() after which the engine ends it
@@ -107,6 +110,7 @@ class Sequence:
 
     def add_token(self, token: int, tokenizer: Tokenizer) -> None:
         """Record one token chosen by the target; decides whether the sequence ends."""
+        self.num_chosen += 1
         if tokenizer.is_end_of_generation(token):
             self.finish("stop")
             return
@@ -141,6 +145,6 @@ class Sequence:
         if not self.is_finished:
             return SequenceEvent(text=text) if text else None
         usage = Usage(len(self.prompt_tokens), len(self.output_tokens), self.num_verify_steps,
-                      self.num_drafted, self.num_accepted)
+                      self.num_drafted, self.num_accepted, self.num_chosen)
         return SequenceEvent(text=text, finish_reason=self.finish_reason, usage=usage,
                              error=self._error)

@@ -203,3 +203,20 @@ def test_the_first_token_is_streamed_before_the_proposer_takes_the_prompt_in(tar
     assert one.is_finished and [event.finish_reason for event in one.events] == ["length"]
     assert proposer.streamed_at_begin[-1] == []
     assert target.num_free_slots == 2
+
+
+def test_tau_counts_the_step_that_chose_the_ending_eos(target):
+    """Plain decoding is one token per target pass, also for a reply that ends on EOS."""
+    engine = Engine(target)
+    for first_choice in (False, True):
+        tokens = sequence(target, "Name a colour.").prompt_tokens
+        bias = {target.tokenizer.eos_id: 100.0} if first_choice else {}
+        item = Sequence(tokens, SamplingParams(temperature=0, logit_bias=bias), 64, [],
+                        sink=lambda event: None)
+        engine.submit(item)
+        while not item.is_finished:
+            engine.step()
+        usage = item.take_event().usage
+        assert item.finish_reason == "stop" and usage.completion_tokens == (
+            0 if first_choice else len(item.output_tokens))
+        assert usage.speculative_dict()["mean_accepted_length"] == 1.0

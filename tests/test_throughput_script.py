@@ -37,7 +37,7 @@ def test_report_covers_every_system_and_problem(report):
         assert all(isinstance(row["passed"], bool) for row in rows)
     by_name = {s["system"]: s for s in data["summary"]}
     assert by_name["llama-cpp"]["speedup_total"] == pytest.approx(1.0)
-    assert by_name["dovetail-plain"]["tau"] == pytest.approx(1.0, abs=0.1)
+    assert by_name["dovetail-plain"]["tau"] == pytest.approx(1.0)  # one token per pass
     assert by_name["dovetail-plain"]["acceptance_rate"] is None
     # the first token's time, split: the target read every prompt; only a proposer takes
     # the prompt in afterwards
