@@ -35,8 +35,9 @@ from server.proposer_choice import ProposerChoice
 from server.sequence import Sequence, SequenceEvent
 from verifier.acceptance import Acceptance, accept_greedy, accept_sampled
 from verifier.costs import LiveCosts
+from verifier.decode_batch import ChunkOutput, PromptChunk, TreeOutput, TreeRequest
 from verifier.sampling import adjust_logits, choose_token, target_probs
-from verifier.target import ChunkOutput, PromptChunk, Target, TreeOutput, TreeRequest
+from verifier.target import Target
 
 log = logging.getLogger("dovetail.engine")
 

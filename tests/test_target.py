@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import make_target
-from verifier.target import PromptChunk
+from verifier.decode_batch import PromptChunk
 
 CHAT = "<|im_start|>user\nWrite a short story about a robot who learns to paint.<|im_end|>\n" \
        "<|im_start|>assistant\n"
@@ -192,7 +192,7 @@ def test_tree_validation_and_slot_bookkeeping(q4_target):
 def test_one_decode_for_several_slots_equals_each_slot_alone(f16_target):
     """`evaluate` verifies two slots' trees and reads a third slot's prompt in one decode;
     each part equals the same work done alone (F16), and the KV each slot keeps is right."""
-    from verifier.target import PromptChunk, TreeRequest
+    from verifier.decode_batch import PromptChunk, TreeRequest
 
     target = f16_target
     prompts = [target.tokenizer.encode(CHAT.replace("robot", animal))
@@ -239,7 +239,7 @@ def test_one_decode_for_several_slots_equals_each_slot_alone(f16_target):
 
 
 def test_evaluate_refuses_bad_requests_before_touching_the_cache(q4_target):
-    from verifier.target import PromptChunk, TreeRequest
+    from verifier.decode_batch import PromptChunk, TreeRequest
 
     target = q4_target
     slots = [target.acquire_slot() for _ in range(2)]
@@ -309,7 +309,7 @@ def test_a_kept_prefix_can_be_cut_shorter(f16_model):
     """truncate: keep less of a prefix acquire_slot kept (the engine does when its draft
     has not seen all of it); the cells after it go, and reading on from there gives what a
     fresh read gives."""
-    from verifier.target import PromptChunk
+    from verifier.decode_batch import PromptChunk
 
     target = make_target(f16_model, num_slots=1, reuse_prefixes=True)
     try:

@@ -24,7 +24,6 @@ requests share one pass over the weights. `prefill` and `verify_tree` are its on
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,17 @@ import llama_cpp
 import numpy as np
 
 from verifier.chat_template import ChatTemplate
+from verifier.decode_batch import (
+    ChunkOutput,
+    DecodeBatch,
+    PrefillOutput,
+    PromptChunk,
+    TreeOutput,
+    TreeRequest,
+    tree_leaves,
+    validate_path,
+    validate_tree,
+)
 from verifier.tokenizer import Tokenizer
 from verifier.weight_buffers import use_extra_buffers
 
@@ -63,42 +73,6 @@ class TargetConfig:
     extra_buffers: str = "auto"
 
 
-@dataclass(frozen=True)
-class PrefillOutput:
-    last_logits: np.ndarray  # [vocab] float32: predicts the first new token
-    features: np.ndarray  # [num_prompt_tokens, hidden] float32, post-final-norm
-
-
-@dataclass(frozen=True)
-class TreeOutput:
-    logits: np.ndarray  # [num_nodes, vocab] float32: row i predicts the token after node i
-    features: np.ndarray  # [num_nodes, hidden] float32
-
-
-@dataclass(frozen=True)
-class TreeRequest:
-    """A token tree to verify on top of a slot's committed tokens (see `verify_tree`)."""
-
-    slot: int
-    tokens: Sequence[int]
-    parents: Sequence[int]
-
-
-@dataclass(frozen=True)
-class PromptChunk:
-    """The next prompt tokens of a slot, evaluated and committed after its cached ones."""
-
-    slot: int
-    tokens: Sequence[int]
-    features: bool = True  # (with a features target) every token's feature, for a draft
-
-
-@dataclass(frozen=True)
-class ChunkOutput:
-    last_logits: np.ndarray  # [vocab] float32: predicts the token after the chunk
-    features: np.ndarray  # [len(tokens), hidden] float32, post-final-norm ([1, 0]: none)
-
-
 @dataclass
 class _Slot:
     num_cached: int = 0  # committed tokens in the base sequence (positions 0..num_cached-1)
@@ -110,38 +84,6 @@ class _Slot:
     is_free: bool = True
     tokens: list[int] = field(default_factory=list)  # the committed token ids
     tree_tokens: list[int] | None = None  # the tree awaiting commit
-
-
-@dataclass
-class _Batch:
-    """A llama_batch sized for the largest decode, with numpy views on its arrays."""
-
-    capacity: int
-    num_seq_max: int
-    raw: llama_cpp.llama_batch = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.raw = llama_cpp.llama_batch_init(self.capacity, 0, self.num_seq_max)
-        self.token = np.ctypeslib.as_array(self.raw.token, shape=(self.capacity,))
-        self.pos = np.ctypeslib.as_array(self.raw.pos, shape=(self.capacity,))
-        self.num_seq = np.ctypeslib.as_array(self.raw.n_seq_id, shape=(self.capacity,))
-        self.is_output = np.ctypeslib.as_array(self.raw.logits, shape=(self.capacity,))
-
-    def fill(self, tokens: Sequence[int], positions: Sequence[int],
-             seq_ids: Sequence[Sequence[int]], outputs: Sequence[bool]) -> None:
-        count = len(tokens)
-        self.token[:count] = tokens
-        self.pos[:count] = positions
-        self.is_output[:count] = outputs
-        for i, ids in enumerate(seq_ids):
-            self.num_seq[i] = len(ids)
-            row = self.raw.seq_id[i]
-            for j, seq in enumerate(ids):
-                row[j] = seq
-        self.raw.n_tokens = count
-
-    def free(self) -> None:
-        llama_cpp.llama_batch_free(self.raw)
 
 
 class Target:
@@ -199,7 +141,7 @@ class Target:
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._embeddings = config.features  # the context's current setting
-        self._batch = _Batch(batch_capacity, num_seq_max)
+        self._batch = DecodeBatch(batch_capacity, num_seq_max)
         self._slots = [_Slot() for _ in range(config.num_slots)]
 
     # -- chat template --------------------------------------------------------------------
@@ -305,12 +247,12 @@ class Target:
         if slot.node_leaf is not None:
             raise RuntimeError("verify_tree called twice without commit")
         num_nodes = len(request.tokens)
-        depths = _validate_tree(request.parents, num_nodes)
+        depths = validate_tree(request.parents, num_nodes)
         if num_nodes > self.config.max_tree_nodes:
             raise ValueError(f"tree of {num_nodes} nodes exceeds max_tree_nodes")
         if slot.num_cached + max(depths) + 1 > self.config.ctx_size + self.config.max_tree_nodes:
             raise ValueError("tree does not fit in the slot's context")
-        if len(_leaves(request.parents)) > self.config.max_tree_branches:
+        if len(tree_leaves(request.parents)) > self.config.max_tree_branches:
             raise ValueError("tree has more leaves than max_tree_branches")
         return depths
 
@@ -400,7 +342,7 @@ class Target:
         slot = self._slots[tree.slot]
         parents = tree.parents
         num_nodes = len(tree.tokens)
-        leaves = _leaves(parents)
+        leaves = tree_leaves(parents)
         seq_ids = self._slot_seq_ids(tree.slot)
         node_seqs: list[list[int]] = [[] for _ in range(num_nodes)]
         node_leaf = [-1] * num_nodes
@@ -444,7 +386,7 @@ class Target:
         slot = self._slot(slot_index)
         if slot.node_leaf is None or slot.parents is None:
             raise RuntimeError("commit without a verified tree")
-        _validate_path(path, slot.parents)
+        validate_path(path, slot.parents)
         seq_ids = self._slot_seq_ids(slot_index)
         start = slot.num_cached
         end = start + len(path)
@@ -509,20 +451,6 @@ class Target:
         return np.ctypeslib.as_array(pointer, shape=(count, width))
 
 
-def _validate_tree(parents: Sequence[int], num_nodes: int) -> list[int]:
-    """Check the parent array; return each node's depth (root: 0)."""
-    if num_nodes == 0 or len(parents) != num_nodes:
-        raise ValueError("tree needs one parent index per node and at least a root")
-    if parents[0] != -1:
-        raise ValueError("node 0 must be the root (parent -1)")
-    depths = [0] * num_nodes
-    for i in range(1, num_nodes):
-        if not 0 <= parents[i] < i:
-            raise ValueError(f"node {i} has parent {parents[i]}; parents must precede children")
-        depths[i] = depths[parents[i]] + 1
-    return depths
-
-
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     length = 0
     for x, y in zip(a, b, strict=False):
@@ -530,20 +458,3 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         length += 1
     return length
-
-
-def _leaves(parents: Sequence[int]) -> list[int]:
-    has_child = [False] * len(parents)
-    for parent in parents[1:]:
-        has_child[parent] = True
-    return [node for node in range(len(parents)) if not has_child[node]]
-
-
-def _validate_path(path: Sequence[int], parents: Sequence[int]) -> None:
-    if not path:
-        return
-    if path[0] != 0:
-        raise ValueError("an accepted path starts at the root (node 0)")
-    for previous, node in itertools.pairwise(path):
-        if not 0 <= node < len(parents) or parents[node] != previous:
-            raise ValueError(f"node {node} is not a child of node {previous}")
