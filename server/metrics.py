@@ -106,13 +106,14 @@ class Metrics:
         self.verify_seconds.inc(seconds)
 
     def observe_step(self, num_drafted: int, num_accepted: int, draft_seconds: float) -> None:
-        """One verification step of one sequence (called on the engine thread)."""
+        """One verification step of one sequence (called on the engine thread). Its drafting
+        time counts even when the budget then verified no drafted token."""
+        self.draft_seconds.inc(draft_seconds)
         if not num_drafted:
             return
         self.drafts.inc()
         self.draft_tokens.inc(num_drafted)
         self.accepted_tokens.inc(num_accepted)
-        self.draft_seconds.inc(draft_seconds)
         for position in range(1, num_accepted + 1):
             self.accepted_per_position.labels(position=str(position)).inc()
 

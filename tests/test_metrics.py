@@ -179,3 +179,16 @@ def test_a_hundred_clients_that_leave_mid_request_leave_nothing_behind(plain_ser
     assert httpx.get(server.base_url + "/health").json()["free_slots"] == 2
     after = chat(server, question, 24).json()["choices"][0]["message"]["content"]
     assert after == before
+
+
+def test_drafting_time_counts_also_when_nothing_drafted_was_verified():
+    """The adaptive budget may draft and then verify the root alone: that time was spent."""
+    from server.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_step(num_drafted=0, num_accepted=0, draft_seconds=0.25)
+    metrics.observe_step(num_drafted=3, num_accepted=2, draft_seconds=0.5)
+    registry = metrics.registry
+    assert registry.get_sample_value("dovetail:spec_decode_draft_seconds_total") == 0.75
+    assert registry.get_sample_value("dovetail:spec_decode_num_drafts_total") == 1
+    assert registry.get_sample_value("dovetail:spec_decode_num_draft_tokens_total") == 3
