@@ -110,12 +110,48 @@ def test_a_certain_child_is_always_accepted_and_zero_probability_never():
         assert result.path == [0] and result.bonus_token != 3
 
 
-def test_seeded_sampling_is_reproducible():
-    probs = random_probs(np.random.default_rng(1))
-    tokens, parents = [0, 1, 2, 3], [-1, 0, 0, 1]
+def test_a_seeded_generation_is_the_same_whatever_was_drafted():
+    """One draw per output token: with the same seed, trees of any shape — nothing drafted,
+    chains, branching trees, right or wrong guesses — emit the very tokens plain sampling
+    emits (rejection sampling with its extra draws per candidate did not)."""
+    conditional = {prev: random_probs(np.random.default_rng(prev), zeros=1)
+                   for prev in range(VOCAB)}
 
-    def run(seed):
-        rng = np.random.default_rng(seed)
-        return [accept_sampled(tokens, parents, lambda node: probs, rng) for _ in range(50)]
+    def generate(seed, guesses):
+        """60 tokens; guesses(rng, last): (tokens, parents) drafted after the last token."""
+        rng, guess_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1000)
+        text = [0]
+        while len(text) < 60:
+            drafted, parents = guesses(guess_rng, text[-1])
+            tokens = [text[-1], *drafted]
+            result = accept_sampled(tokens, parents,
+                                    lambda node, tokens=tokens: conditional[tokens[node]], rng)
+            text += [tokens[n] for n in result.path[1:]] + [result.bonus_token]
+        return text[:60]
 
-    assert run(11) == run(11)
+    def nothing(guess_rng, last):
+        return [], [-1]
+
+    def chain(guess_rng, last):  # guesses drawn from the target's own distribution
+        drafted, prev = [], last
+        for _ in range(guess_rng.integers(0, 6)):
+            prev = int(guess_rng.choice(VOCAB, p=conditional[prev]))
+            drafted.append(prev)
+        return drafted, list(range(-1, len(drafted)))
+
+    def tree(guess_rng, last):  # two or three children at each of two levels, any tokens
+        drafted, parents = [], [-1]
+        for _ in range(guess_rng.integers(2, 4)):
+            drafted.append(int(guess_rng.integers(VOCAB)))
+            parents.append(0)
+            child = len(drafted)
+            for _ in range(guess_rng.integers(0, 3)):
+                drafted.append(int(guess_rng.integers(VOCAB)))
+                parents.append(child)
+        return drafted, parents
+
+    for seed in range(5):
+        plain = generate(seed, nothing)
+        assert generate(seed, chain) == plain
+        assert generate(seed, tree) == plain
+    assert generate(0, nothing) != generate(1, nothing)

@@ -47,6 +47,19 @@ def test_temperature_sharpens_and_flattens():
     assert cold[0] > 0.6 > hot[0] > 0.5
 
 
+@pytest.mark.parametrize("temperature", [1e-3, 1e-200, 1e-307, 5e-324])
+def test_a_tiny_temperature_is_near_greedy_not_nan(temperature):
+    """logits / T overflows for T below ~1e-306: the distribution must still be the argmax
+    (all of it on the top token, or shared by exact ties), never NaN."""
+    logits = logits_with_order([10.0, 30.0, 29.0, -20.0, 29.99])  # real logits' sizes
+    probs = target_probs(logits, SamplingParams(temperature=temperature))
+    assert not np.isnan(probs).any()
+    assert probs[1] > 0.99 and probs.sum() == pytest.approx(1.0)
+    tie = target_probs(logits_with_order([20.0, 25.0, 25.0]),
+                       SamplingParams(temperature=temperature))
+    np.testing.assert_allclose(tie, [0.0, 0.5, 0.5])
+
+
 def test_samples_follow_the_distribution_and_seeds_repeat():
     probs = np.array([0.1, 0.2, 0.3, 0.4])
     logits = np.log(probs)

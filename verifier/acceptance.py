@@ -40,9 +40,10 @@ def children_of(parents: Sequence[int]) -> list[list[int]]:
 
 def accept_greedy(tokens: Sequence[int], parents: Sequence[int],
                   target_choice: Callable[[int], int]) -> Acceptance:
-    """T = 0: follow the child whose token is the target's argmax, as deep as it goes.
+    """Follow the child whose token is the target's choice, as deep as it goes.
 
-    target_choice(i): the target's argmax token after node i's path.
+    target_choice(i): the target's token after node i's path (at T = 0 its argmax); called
+    once per output token, root first.
     """
     children = children_of(parents)
     path = [0]
@@ -57,32 +58,17 @@ def accept_greedy(tokens: Sequence[int], parents: Sequence[int],
 def accept_sampled(tokens: Sequence[int], parents: Sequence[int],
                    target_probs: Callable[[int], np.ndarray],
                    rng: np.random.Generator) -> Acceptance:
-    """T > 0: multi-candidate rejection sampling, lossless for deterministic candidates.
+    """T > 0: at each accepted node the target samples its own next token (one uniform draw,
+    inverse CDF: `sampling.sample_from`); the child holding that token is followed, else the
+    sample is the bonus token. Each output token is drawn from exactly the target's processed
+    distribution p, so the output is the target's own; a drafted token x is accepted with
+    probability p(x) (children: the sum of theirs), as in rejection sampling of
+    deterministic candidates.
 
-    At each accepted node the children are tried in order: child token x is accepted with
-    probability p(x) under the target's processed distribution p at that node; a rejected x
-    gets p(x) = 0 and p is renormalised before the next child. If all children are
-    rejected the bonus token is drawn from what remains. Each output token is then
-    distributed exactly as p (the draft's probabilities are not needed: candidates are the
-    draft's top-k, not samples). A duplicate candidate has p = 0 by then: always rejected.
+    Exactly one draw per output token, in order, whatever the tree: with the same generator
+    (a request's seed) the text is the same whether 0, 1 or 7 tokens were drafted at each
+    step — the same as plain decoding's, up to the target's own numerics.
 
     target_probs(i): [vocab] float, the target's processed distribution after node i.
     """
-    children = children_of(parents)
-    path = [0]
-    while True:
-        probs = np.array(target_probs(path[-1]), dtype=np.float64)
-        accepted = None
-        for child in children[path[-1]]:
-            token = tokens[child]
-            if rng.random() < probs[token]:
-                accepted = child
-                break
-            probs[token] = 0.0
-            total = probs.sum()
-            if total <= 0.0:
-                break
-            probs /= total
-        if accepted is None:
-            return Acceptance(path, sample_from(probs, rng))
-        path.append(accepted)
+    return accept_greedy(tokens, parents, lambda node: sample_from(target_probs(node), rng))

@@ -5,8 +5,9 @@ logit_bias → presence/frequency penalties → temperature → top-k → top-p 
 Temperature 0 means pure argmax over the (biased, penalised) logits: with no bias and no
 penalties asked for, the logits are not touched at all.
 
-`target_probs` returns the processed target distribution over the whole vocabulary; the
-speculative rejection sampler accepts and resamples against exactly this distribution.
+`target_probs` returns the processed target distribution over the whole vocabulary; sampled
+acceptance (verifier/acceptance.py) draws the target's token at each tree node from exactly
+this distribution, one uniform per output token (`sample_from`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def adjust_logits(
 
 def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """Processed distribution for T > 0: [vocab] float64 summing to 1 (zeros where cut)."""
-    scaled = logits.astype(np.float64) / params.temperature
+    scaled = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # a tiny temperature: the far-off logits go to -inf
+        scaled = (scaled - scaled.max()) / params.temperature  # the top one stays at 0
     vocab = scaled.shape[0]
     if 0 < params.top_k < vocab:
         kth = np.argpartition(-scaled, params.top_k - 1)[params.top_k - 1]
@@ -78,8 +81,15 @@ def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
 
 
 def sample_from(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One draw from probs, taking exactly one number from rng."""
+    return sample_at(probs, rng.random())
+
+
+def sample_at(probs: np.ndarray, uniform: float) -> int:
+    """Inverse-CDF sampling: the token whose stretch of the cumulative distribution holds
+    `uniform` (in [0, 1)); a token of probability 0 has none."""
     cdf = np.cumsum(probs)
-    index = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    index = int(np.searchsorted(cdf, uniform * cdf[-1], side="right"))
     return min(index, probs.shape[0] - 1)
 
 
