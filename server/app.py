@@ -11,12 +11,18 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.builder import build_engine
 from server.engine import Engine
-from server.errors import APIError, error_body, error_response, install_error_handlers
+from server.errors import (
+    APIError,
+    CatchUnexpected,
+    error_body,
+    error_response,
+    install_error_handlers,
+)
 from server.metrics import CONTENT_TYPE, Metrics
 from server.prompts import (
     chat_prompt_tokens,
@@ -63,16 +69,10 @@ def create_app(settings: Settings,
     model_name = settings.served_model_name
     metrics = app.state.metrics = Metrics()
     app.add_middleware(_LimitBody, max_bytes=MAX_BODY_BYTES)
-    app.add_middleware(_CountRequests, metrics=metrics)
-
-    async def authorized(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or key.strip() != settings.api_key:
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                           code="invalid_api_key")
+    if settings.api_key is not None:
+        app.add_middleware(_RequireKey, key=settings.api_key)  # before anything is read
+    app.add_middleware(CatchUnexpected)
+    app.add_middleware(_CountRequests, metrics=metrics)  # outermost: counts the 500s too
 
     def ready_engine(request: Request) -> Engine:
         engine: Engine | None = request.app.state.engine
@@ -109,13 +109,22 @@ def create_app(settings: Settings,
                              "waiting_requests": engine.num_waiting,
                              "free_slots": engine.target.num_free_slots})
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
-    async def models() -> dict:
-        return {"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": int(time.time()),
-             "owned_by": "dovetail"}]}
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": int(time.time()),
+                "owned_by": "dovetail"}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:
+        if model != model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                           f"{model_name!r}", param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = ready_engine(request)
         prompt = chat_prompt_tokens(engine.target, body)
@@ -126,7 +135,7 @@ def create_app(settings: Settings,
         return await _generate(engine, request, body, prompt, budget, fmt, prefix="",
                                timeout=settings.request_timeout)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         engine = ready_engine(request)
         prompt = completion_prompt_tokens(engine.target, body)
@@ -164,6 +173,26 @@ class _CountRequests:
         await self.app(scope, receive, counting_send)
 
 
+class _RequireKey:
+    """ASGI middleware: /v1/ routes need `Authorization: Bearer <key>`; without it, 401
+    before the body is read or checked (a stranger learns nothing about the request)."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = dict(scope.get("headers", [])).get(b"authorization", b"")
+            scheme, _, key = header.decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or key.strip() != self.key:
+                response = error_response(APIError(
+                    401, "invalid or missing API key (Authorization: Bearer <key>)",
+                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class _LimitBody:
     """ASGI middleware: a request body over max_bytes gets 413 (by Content-Length up front,
     or once the bytes received pass the limit)."""
@@ -180,24 +209,30 @@ class _LimitBody:
             await self._refuse(send)
             return
         received = 0
-        response_started = False
+        too_large = response_started = False
 
         async def counting_receive():
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    too_large = True
                     raise _BodyTooLarge
             return message
 
-        async def tracking_send(message) -> None:
+        async def guarded_send(message) -> None:
             nonlocal response_started
+            if too_large:  # whatever the app makes of the interrupted read: 413 instead
+                if not response_started:
+                    response_started = True
+                    await self._refuse(send)
+                return
             response_started |= message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, guarded_send)
         except _BodyTooLarge:
             if not response_started:
                 await self._refuse(send)

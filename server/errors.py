@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -40,9 +41,17 @@ def error_body(status: int, message: str, param: str | None = None,
                       "param": param, "code": code}}
 
 
+class ErrorResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a message quoting the request (a lone
+    UTF-16 surrogate in a logit_bias key, say) can always be written."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error_body(error.status, error.message, error.param, error.code),
-                        status_code=error.status, headers=error.headers)
+    return ErrorResponse(error_body(error.status, error.message, error.param, error.code),
+                         status_code=error.status, headers=error.headers)
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -69,14 +78,39 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation(exc)
-        return JSONResponse(error_body(400, message, param), status_code=400)
+        return ErrorResponse(error_body(400, message, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)),
-                            status_code=exc.status_code, headers=exc.headers)
+        return ErrorResponse(error_body(exc.status_code, str(exc.detail)),
+                             status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body(500, "internal server error"), status_code=500)
+
+class CatchUnexpected:
+    """ASGI middleware: an unhandled exception becomes a 500 in OpenAI's shape, and is logged
+    here rather than raised on (Starlette's own handler re-raises it after answering, and
+    uvicorn then closes the connection: the client's next request on it is reset). After a
+    response has started nothing can be sent; the response just ends."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started |= message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error on %s", scope.get("path"))
+            if not started:
+                response = ErrorResponse(error_body(500, "internal server error"),
+                                         status_code=500)
+                await response(scope, receive, send)

@@ -60,10 +60,7 @@ def completion_budget(num_prompt_tokens: int, requested: int | None, ctx_size: i
 def sampling_params(request: SamplingFields, vocab_size: int) -> SamplingParams:
     logit_bias: dict[int, float] = {}
     for key, bias in (request.logit_bias or {}).items():
-        try:
-            token = int(key)
-        except ValueError:
-            token = -1
+        token = int(key) if key.isascii() and key.isdigit() else -1  # not " 1", "1_0", "٣"
         if not 0 <= token < vocab_size:
             raise APIError(400, f"logit_bias: '{key}' is not a token id in 0..{vocab_size - 1}",
                            "logit_bias")

@@ -1,39 +1,69 @@
 """OpenAI request bodies. Responses are plain dicts built in `server/responses.py`.
 
 Validation is strict about types (a string is not an integer) and lenient about unknown
-fields (clients send vendor extras; they are ignored). Everything that fails here becomes a
-400 `invalid_request_error` with `param` naming the field.
+fields (clients send vendor extras; they are ignored). A null is the same as a field left
+out, as in OpenAI's API. Text must be Unicode: JSON can carry a lone UTF-16 surrogate
+("\\ud800"), which has no UTF-8 form and so can be neither tokenized nor sent back.
+Everything that fails here becomes a 400 `invalid_request_error` with `param` naming the
+field.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024
 
 
+
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"not valid Unicode text: a lone UTF-16 surrogate at character "
+                         f"{error.start}") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]
 Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
-StopList = Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)]
-OnePromptList = Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
+StopList = Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)]
+OnePromptList = Annotated[list[Text], Field(min_length=1, max_length=1)]
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | Annotated[list[TextPart], Field(min_length=1)]
-    name: StrictStr | None = None
+    content: Text | Annotated[list[TextPart], Field(min_length=1)]
+    name: Text | None = None
 
     @property
     def text(self) -> str:
@@ -59,7 +89,7 @@ class SamplingFields(_Strict):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     logit_bias: Annotated[dict[StrictStr, Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     seed: int | None = None
-    stop: StrictStr | StopList | None = None
+    stop: Text | StopList | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -90,7 +120,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: StrictStr | OnePromptList | TokenIds
+    prompt: Text | OnePromptList | TokenIds
     echo: bool = False
     suffix: Literal[""] | None = None
     best_of: Literal[1] | None = None

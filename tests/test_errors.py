@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import openai
 import pytest
+
+from server.errors import CatchUnexpected
 
 CHAT = "/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -103,7 +107,11 @@ def test_api_key_is_required_on_v1_but_not_on_health(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "test-key"}):
         response = httpx.post(server.v1 + CHAT, json={"messages": MESSAGES}, headers=headers)
         assert_error(response, 401, code="invalid_api_key")
+        assert response.headers["www-authenticate"] == "Bearer"
         assert_error(httpx.get(server.v1 + "/models", headers=headers), 401)
+        # checked before the body: a stranger's bad JSON is 401, not 400
+        response = httpx.post(server.v1 + CHAT, content=b"{not json", headers=headers)
+        assert_error(response, 401, code="invalid_api_key")
     assert httpx.get(server.base_url + "/health").status_code == 200
 
 
@@ -157,3 +165,95 @@ def test_an_oversized_body_is_413_before_it_is_read(server):
     response = post(server, CHAT, content=big, headers={"Content-Type": "application/json"})
     assert "request body is over" in assert_error(response, 413)["message"]
     assert post(server, CHAT, json={"messages": MESSAGES, "max_tokens": 2}).status_code == 200
+
+
+def test_a_chunked_oversized_body_is_413_too(server):
+    """No Content-Length to refuse up front: the limit is met while the body is read."""
+    def chunks():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(9):
+            yield b"a" * 2**20
+        yield b'"}]}'
+
+    response = post(server, CHAT, content=chunks(), headers={"Content-Type": "application/json"})
+    assert "request body is over" in assert_error(response, 413)["message"]
+
+
+SURROGATE = "\\ud800"  # as JSON writes it: a lone UTF-16 surrogate, no UTF-8 form
+
+
+@pytest.mark.parametrize("path,body,param", [
+    (CHAT, f'{{"messages": [{{"role": "user", "content": "a{SURROGATE}b"}}]}}', "messages"),
+    (CHAT, f'{{"messages": [{{"role": "user", "content": [{{"type": "text", '
+           f'"text": "{SURROGATE}"}}]}}]}}', "messages"),
+    (CHAT, f'{{"messages": [{{"role": "user", "content": "hi", "name": "{SURROGATE}"}}]}}',
+     "messages"),
+    (CHAT, f'{{"messages": [{{"role": "user", "content": "hi"}}], "stop": ["{SURROGATE}"]}}',
+     "stop"),
+    (CHAT, f'{{"messages": [{{"role": "user", "content": "hi"}}], '
+           f'"logit_bias": {{"{SURROGATE}": 1}}}}', "logit_bias"),
+    ("/completions", f'{{"prompt": "x{SURROGATE}"}}', "prompt"),
+    ("/completions", f'{{"prompt": ["{SURROGATE}"], "echo": true, "stream": true}}', "prompt"),
+])
+def test_text_that_is_not_unicode_is_400_and_the_connection_stays_open(server, path, body,
+                                                                        param):
+    with httpx.Client(headers={**server.headers, "Content-Type": "application/json"},
+                      timeout=60) as http:
+        assert_error(http.post(server.v1 + path, content=body.encode()), 400, param=param)
+        again = http.post(server.v1 + CHAT, json={"messages": MESSAGES, "max_tokens": 2})
+        assert again.status_code == 200
+
+
+@pytest.mark.parametrize("key", [" 10 ", "1_0", "\u0663", "+5", "-1"])
+def test_logit_bias_keys_are_plain_token_ids(server, key):
+    body = {"messages": MESSAGES, "max_tokens": 2, "logit_bias": {key: 1}}
+    assert_error(post(server, CHAT, json=body), 400, param="logit_bias")
+
+
+def test_null_is_a_field_left_out(server):
+    nulls = dict.fromkeys(["model", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+                           "presence_penalty", "frequency_penalty", "logit_bias", "seed",
+                           "stop", "n", "stream", "stream_options", "logprobs", "user"])
+    body = {"messages": MESSAGES, **nulls, "max_completion_tokens": 2}
+    assert post(server, CHAT, json=body).status_code == 200
+    body = {"prompt": "Hi", **nulls, "echo": None, "suffix": None, "best_of": None}
+    assert post(server, "/completions", json=body).status_code == 200
+    assert_error(post(server, CHAT, json={"messages": None}), 400, param="messages")
+
+
+def test_the_served_model_can_be_retrieved(server, client):
+    name = client.models.list().data[0].id
+    assert client.models.retrieve(name).id == name
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("no-such-model")
+    assert missing.value.code == "model_not_found"
+
+
+def test_an_unexpected_exception_is_a_500_in_openai_shape_and_not_raised_on():
+    """Starlette's own 500 handler raises the exception again after answering, and uvicorn
+    then closes the connection under the client's next request."""
+    async def failing(scope, receive, send):
+        raise RuntimeError("boom")
+
+    async def failing_late(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("boom")
+
+    async def call(app):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await CatchUnexpected(app)({"type": "http", "path": "/x", "method": "GET",
+                                    "headers": []}, receive, send)
+        return sent
+
+    sent = asyncio.run(call(failing))
+    assert sent[0]["status"] == 500
+    body = b"".join(message.get("body", b"") for message in sent[1:])
+    assert httpx.Response(500, content=body).json()["error"]["type"] == "server_error"
+    assert [m["type"] for m in asyncio.run(call(failing_late))] == ["http.response.start"]
