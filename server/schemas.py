@@ -26,8 +26,6 @@ MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024
 
 
-
-
 def _unicode(text: str) -> str:
     try:
         text.encode("utf-8")
