@@ -206,7 +206,7 @@ class _LimitBody:
             return
         declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(scope, receive, send)
             return
         received = 0
         too_large = response_started = False
@@ -226,7 +226,7 @@ class _LimitBody:
             if too_large:  # whatever the app makes of the interrupted read: 413 instead
                 if not response_started:
                     response_started = True
-                    await self._refuse(send)
+                    await self._refuse(scope, receive, send)
                 return
             response_started |= message["type"] == "http.response.start"
             await send(message)
@@ -235,15 +235,11 @@ class _LimitBody:
             await self.app(scope, counting_receive, guarded_send)
         except _BodyTooLarge:
             if not response_started:
-                await self._refuse(send)
+                await self._refuse(scope, receive, send)
 
-    async def _refuse(self, send) -> None:
-        body = json.dumps(error_body(413, f"the request body is over {self.max_bytes} bytes")
-                          ).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, scope, receive, send) -> None:
+        error = APIError(413, f"the request body is over {self.max_bytes} bytes")
+        await error_response(error)(scope, receive, send)
 
 
 class _BodyTooLarge(Exception):
