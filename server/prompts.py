@@ -7,23 +7,47 @@ from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFie
 from verifier.chat_template import ChatTemplateError
 from verifier.sampling import SamplingParams
 from verifier.target import Target
+from verifier.tokenizer import Tokenizer
 
 
 def chat_prompt_tokens(target: Target, request: ChatCompletionRequest) -> list[int]:
+    """The rendered chat's tokens. Special-token text inside a message (`<|im_end|>` typed by
+    a user) is read as plain text, so a message cannot forge the template's turns; only the
+    template's own text becomes control tokens."""
     if target.chat_template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
-                for m in request.messages]
+    tokenizer = target.tokenizer
+    contents, literals = _mask_special_text(tokenizer, [m.text for m in request.messages])
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": content}
+                for m, content in zip(request.messages, contents, strict=True)]
     try:
         text = target.chat_template.render(messages, add_generation_prompt=True)
     except ChatTemplateError as error:
         raise APIError(400, f"the chat template rejected the messages: {error}",
                        "messages") from error
-    tokenizer = target.tokenizer
     # BOS as the metadata says, unless the template already wrote it.
     bos_text = target.chat_template.bos_token
     add_bos = tokenizer.adds_bos and not (bos_text and text.startswith(bos_text))
-    return tokenizer.encode(text, add_bos=add_bos, parse_special=True)
+    if not literals:
+        return tokenizer.encode(text, add_bos=add_bos, parse_special=True)
+    return tokenizer.encode_with_literals(text, literals, add_bos=add_bos)
+
+
+def _mask_special_text(tokenizer: Tokenizer,
+                       contents: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Each special token's text in the contents → a private-use character absent from them;
+    returns the masked contents and {character: the text it stands for}."""
+    pattern = tokenizer.special_text
+    found = sorted({text for content in contents for text in pattern.findall(content)}) \
+        if pattern else []
+    if not found:
+        return contents, {}
+    used = set().union(*contents)
+    free = (chr(code) for code in (*range(0xE000, 0xF900), *range(0xF0000, 0xFFFFE))
+            if chr(code) not in used)
+    marks = {text: next(free) for text in found}
+    masked = [pattern.sub(lambda match: marks[match.group()], content) for content in contents]
+    return masked, {mark: text for text, mark in marks.items()}
 
 
 def completion_prompt_tokens(target: Target, request: CompletionRequest) -> list[int]:

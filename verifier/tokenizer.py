@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import re
 
 import llama_cpp
+
+# Tokens that special parsing reads as one token wherever their text appears. (llama.cpp
+# also splits out user-defined tokens, but it does that with special parsing off too.)
+_SPECIAL = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
 
 
 class Tokenizer:
@@ -20,6 +25,16 @@ class Tokenizer:
             if llama_cpp.llama_vocab_is_eog(self._vocab, token)
         )
         self._piece_cache: dict[int, bytes] = {}
+        self._special_ids: dict[str, int] = {}
+        for token in range(self.vocab_size):
+            if llama_cpp.llama_vocab_get_attr(self._vocab, token) & _SPECIAL:
+                text = llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace")
+                self._special_ids.setdefault(text, token)
+        self._special_ids.pop("", None)
+        # Longest first, as llama.cpp tries them; the group keeps matches in re.split's output.
+        longest_first = sorted(self._special_ids, key=len, reverse=True)
+        self.special_text: re.Pattern[str] | None = re.compile(
+            "(" + "|".join(map(re.escape, longest_first)) + ")") if longest_first else None
 
     def encode(self, text: str, add_bos: bool = False, parse_special: bool = True) -> list[int]:
         """Text → token ids. `parse_special` turns e.g. '<|im_start|>' into its control token."""
@@ -36,6 +51,25 @@ class Tokenizer:
                 self._vocab, data, len(data), buffer, capacity, add_bos, parse_special
             )
         return list(buffer[:count])
+
+    def encode_with_literals(self, text: str, literals: dict[str, str],
+                             add_bos: bool = False) -> list[int]:
+        """encode(text, parse_special=True), except that each placeholder character (a key of
+        `literals`) stands for special-token text to read as plain text.
+
+        Splits the text at its special tokens and reads the pieces between them without
+        special parsing, as llama.cpp does, with the placeholders put back first.
+        """
+        tokens = [self.bos_id] if add_bos else []
+        pieces = self.special_text.split(text) if self.special_text else [text]
+        for index, piece in enumerate(pieces):
+            if index % 2:
+                tokens.append(self._special_ids[piece])
+            elif piece:
+                for mark, literal in literals.items():
+                    piece = piece.replace(mark, literal)
+                tokens.extend(self.encode(piece, parse_special=False))
+        return tokens
 
     def token_bytes(self, token: int) -> bytes:
         """The raw bytes a generated token stands for; control tokens render as nothing.
