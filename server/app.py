@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Match
 
 from server.builder import build_engine
 from server.engine import Engine
@@ -72,7 +73,8 @@ def create_app(settings: Settings,
     if settings.api_key is not None:
         app.add_middleware(_RequireKey, key=settings.api_key)  # before anything is read
     app.add_middleware(CatchUnexpected)
-    app.add_middleware(_CountRequests, metrics=metrics)  # outermost: counts the 500s too
+    # outermost: counts the 500s too, and the 401s and 413s answered before routing
+    app.add_middleware(_CountRequests, metrics=metrics, routes=app.router.routes)
 
     def ready_engine(request: Request) -> Engine:
         engine: Engine | None = request.app.state.engine
@@ -154,10 +156,16 @@ def create_app(settings: Settings,
 
 class _CountRequests:
     """ASGI middleware: count responses by route template and status (not BaseHTTPMiddleware,
-    which would get between the endpoints and their client-disconnect checks)."""
+    which would get between the endpoints and their client-disconnect checks). A response
+    given before routing (a bad key, a body too large) counts under the route it was for."""
 
-    def __init__(self, app, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, routes: list[BaseRoute]) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    def _route(self, scope) -> str:
+        route = scope.get("route") or next(
+            (r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
+        return getattr(route, "path", "other")
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -166,8 +174,8 @@ class _CountRequests:
 
         async def counting_send(message) -> None:
             if message["type"] == "http.response.start":
-                route = getattr(scope.get("route"), "path", "other")
-                self.metrics.requests.labels(route=route, status=str(message["status"])).inc()
+                self.metrics.requests.labels(route=self._route(scope),
+                                             status=str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counting_send)

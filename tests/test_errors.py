@@ -103,7 +103,16 @@ def test_context_length_exceeded(server):
                  code="context_length_exceeded")
 
 
+def requests_counted(server, route, status) -> float:
+    """dovetail:requests_total for a route and status, from /metrics."""
+    name = f'dovetail:requests_total{{route="{route}",status="{status}"}} '
+    lines = httpx.get(server.base_url + "/metrics").text.splitlines()
+    return sum(float(line[len(name):]) for line in lines if line.startswith(name))
+
+
 def test_api_key_is_required_on_v1_but_not_on_health(server):
+    counted = {route: requests_counted(server, route, 401) for route in ("/v1/chat/completions",
+                                                                         "/v1/models")}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "test-key"}):
         response = httpx.post(server.v1 + CHAT, json={"messages": MESSAGES}, headers=headers)
         assert_error(response, 401, code="invalid_api_key")
@@ -113,6 +122,10 @@ def test_api_key_is_required_on_v1_but_not_on_health(server):
         response = httpx.post(server.v1 + CHAT, content=b"{not json", headers=headers)
         assert_error(response, 401, code="invalid_api_key")
     assert httpx.get(server.base_url + "/health").status_code == 200
+    # answered before routing, still counted under the route asked for
+    assert requests_counted(server, "/v1/chat/completions", 401) == \
+        counted["/v1/chat/completions"] + 6
+    assert requests_counted(server, "/v1/models", 401) == counted["/v1/models"] + 3
 
 
 def test_unknown_route_and_method(server):
@@ -162,8 +175,10 @@ def test_huge_numbers_are_answered_not_crashed_on(server, field, value, status):
 
 def test_an_oversized_body_is_413_before_it_is_read(server):
     big = b'{"messages": [{"role": "user", "content": "' + b"a" * (9 * 2**20) + b'"}]}'
+    counted = requests_counted(server, "/v1/chat/completions", 413)
     response = post(server, CHAT, content=big, headers={"Content-Type": "application/json"})
     assert "request body is over" in assert_error(response, 413)["message"]
+    assert requests_counted(server, "/v1/chat/completions", 413) == counted + 1
     assert post(server, CHAT, json={"messages": MESSAGES, "max_tokens": 2}).status_code == 200
 
 
