@@ -24,11 +24,13 @@ from server.errors import (
     error_response,
     install_error_handlers,
 )
+from server.logprobs import TokenLogprob
 from server.metrics import CONTENT_TYPE, Metrics
 from server.prompts import (
     chat_prompt_tokens,
     completion_budget,
     completion_prompt_tokens,
+    requested_logprobs,
     sampling_params,
 )
 from server.responses import SSE_DONE, ResponseFormat, sse
@@ -133,7 +135,8 @@ def create_app(settings: Settings,
         budget = completion_budget(len(prompt), body.max_new_tokens, settings.ctx_size,
                                    "max_completion_tokens" if body.max_completion_tokens
                                    else "max_tokens")
-        fmt = ResponseFormat("chat", model_name, include_usage=body.include_usage)
+        fmt = ResponseFormat("chat", model_name, include_usage=body.include_usage,
+                             top_logprobs=requested_logprobs(body))
         return await _generate(engine, request, body, prompt, budget, fmt, prefix="",
                                timeout=settings.request_timeout)
 
@@ -143,11 +146,12 @@ def create_app(settings: Settings,
         prompt = completion_prompt_tokens(engine.target, body)
         budget = completion_budget(len(prompt), body.max_new_tokens, settings.ctx_size,
                                    "max_tokens")
-        fmt = ResponseFormat("text", model_name, include_usage=body.include_usage)
         prefix = ""
         if body.echo:
             prefix = body.prompt if isinstance(body.prompt, str) else \
                 engine.tokenizer.decode(list(body.prompt))
+        fmt = ResponseFormat("text", model_name, include_usage=body.include_usage,
+                             top_logprobs=requested_logprobs(body), prefix_length=len(prefix))
         return await _generate(engine, request, body, prompt, budget, fmt, prefix,
                                timeout=settings.request_timeout)
 
@@ -312,6 +316,7 @@ async def _generate(engine: Engine, request: Request, body: SamplingFields,
         stop=body.stop_strings,
         sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
         request_id=fmt.id,
+        logprobs=fmt.top_logprobs,
         deadline=clock.arrival + timeout if timeout else None,
     )
     engine.submit(sequence)
@@ -327,12 +332,14 @@ async def _collect(engine: Engine, sequence: Sequence, events: asyncio.Queue,
                    clock: _RequestClock) -> JSONResponse:
     watcher = asyncio.create_task(_cancel_on_disconnect(engine, sequence, request))
     pieces = [prefix]
+    logprobs: list[TokenLogprob] = []
     event = SequenceEvent(finish_reason="cancelled")
     try:
         while True:
             event = await events.get()
             clock.event(event)
             pieces.append(event.text)
+            logprobs.extend(event.logprobs)
             if event.finish_reason is not None:
                 break
     finally:
@@ -345,7 +352,7 @@ async def _collect(engine: Engine, sequence: Sequence, events: asyncio.Queue,
         return error_response(APIError(500, event.error))
     if event.finish_reason == "rejected":
         return error_response(REJECTED)
-    return JSONResponse(fmt.full("".join(pieces), event.finish_reason, event.usage))
+    return JSONResponse(fmt.full("".join(pieces), event.finish_reason, event.usage, logprobs))
 
 
 async def _cancel_on_disconnect(engine: Engine, sequence: Sequence, request: Request) -> None:
@@ -370,8 +377,8 @@ async def _stream(engine: Engine, sequence: Sequence, events: asyncio.Queue,
         while True:
             event: SequenceEvent = await events.get()
             clock.event(event)
-            if event.text:
-                yield fmt.chunk(event.text)
+            if event.text or event.logprobs:
+                yield fmt.chunk(event.text, logprobs=event.logprobs)
             if event.finish_reason is None:
                 continue
             if event.error is not None:

@@ -281,7 +281,7 @@ class Engine:
                              sequence.rng)
         sequence.record_step(num_drafted=0, num_accepted=0)
         sequence.root_token = token
-        sequence.add_token(token, self.tokenizer)
+        sequence.add_token(token, self.tokenizer, output.last_logits)
         if proposer is not None:
             if not sequence.is_finished:  # (a finished one's last event goes out with the step)
                 self._emit(sequence)  # the first token goes out before the proposer starts
@@ -313,8 +313,8 @@ class Engine:
             self.metrics.observe_step(tree.num_drafted, acceptance.num_accepted,
                                       sequence.draft_seconds)
         sequence.root_token = acceptance.bonus_token
-        for token in new_tokens:
-            sequence.add_token(token, self.tokenizer)
+        for node, token in zip(acceptance.path, new_tokens, strict=True):  # chosen at node
+            sequence.add_token(token, self.tokenizer, output.logits[node])
             if sequence.is_finished:
                 break
         if budget is not None:

@@ -65,6 +65,18 @@ def completion_prompt_tokens(target: Target, request: CompletionRequest) -> list
     return tokens
 
 
+def requested_logprobs(request: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """How many top alternatives per token `logprobs` asks for; None when not asked."""
+    if isinstance(request, ChatCompletionRequest):
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return (request.top_logprobs or 0) if request.logprobs else None
+    if request.logprobs is not None and request.echo:
+        raise APIError(400, "logprobs with echo (the prompt's own logprobs) is not supported",
+                       "logprobs")
+    return request.logprobs
+
+
 def completion_budget(num_prompt_tokens: int, requested: int | None, ctx_size: int,
                       param: str) -> int:
     """Tokens the completion may have; 400 `context_length_exceeded` when it cannot fit."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from server.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from server.sequence import Usage
 
 # The engine's endings that OpenAI's API has no word for: stopped before its natural end.
@@ -23,6 +25,8 @@ class ResponseFormat:
     kind: Literal["chat", "text"]
     model: str
     include_usage: bool = False  # streams only: a final usage chunk, `usage: null` elsewhere
+    top_logprobs: int | None = None  # with `logprobs`: top alternatives per token
+    prefix_length: int = 0  # an echoed prompt's characters (text offsets count from 0)
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -45,24 +49,38 @@ class ResponseFormat:
         return {"id": self.id, "object": object_name, "created": self.created,
                 "model": self.model, "choices": choices}
 
-    def full(self, text: str, finish_reason: str, usage: Usage) -> dict:
+    def _logprobs(self, entries: Sequence[TokenLogprob]) -> dict | None:
+        if self.top_logprobs is None:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(entries)
+        return completion_logprobs(entries, self.prefix_length)
+
+    def full(self, text: str, finish_reason: str, usage: Usage,
+             logprobs: Sequence[TokenLogprob] = ()) -> dict:
         finish_reason = public_finish_reason(finish_reason)
         if self.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish_reason}
+                      "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
         else:
-            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"text": text, "index": 0, "logprobs": self._logprobs(logprobs),
+                      "finish_reason": finish_reason}
         body = self._envelope(self._object, [choice])
         body["usage"] = usage.as_dict()
         body["speculative"] = usage.speculative_dict()
         return body
 
-    def chunk(self, text: str, finish_reason: str | None = None,
-              is_first: bool = False) -> str:
-        if finish_reason is None and not is_first:
+    def chunk(self, text: str, finish_reason: str | None = None, is_first: bool = False,
+              logprobs: Sequence[TokenLogprob] = ()) -> str:
+        """A stream chunk; a text chunk carries the logprobs of the tokens whose text begins
+        in it (when asked for)."""
+        if finish_reason is None and not is_first and self.top_logprobs is None:
             head, tail = self._text_chunk_parts
             return head + encode_text(text) + tail
-        return sse(self._chunk_body(text, public_finish_reason(finish_reason), is_first))
+        body = self._chunk_body(text, public_finish_reason(finish_reason), is_first)
+        if finish_reason is None and not is_first:
+            body["choices"][0]["logprobs"] = self._logprobs(logprobs)
+        return sse(body)
 
     def _chunk_body(self, text: str, finish_reason: str | None, is_first: bool) -> dict:
         if self.kind == "chat":

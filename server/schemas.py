@@ -24,6 +24,7 @@ from pydantic import (
 
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024
+MAX_TOP_LOGPROBS = 20
 
 
 def _unicode(text: str) -> str:
@@ -40,6 +41,7 @@ Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 StopList = Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)]
 OnePromptList = Annotated[list[Text], Field(min_length=1, max_length=1)]
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 class _Strict(BaseModel):
@@ -91,7 +93,6 @@ class SamplingFields(_Strict):
     n: Annotated[int, Field(ge=1, le=1)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: Literal[False] | None = None
     user: StrictStr | None = None
 
     @property
@@ -108,7 +109,8 @@ class SamplingFields(_Strict):
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    top_logprobs: Literal[0] | None = None
+    logprobs: bool = False
+    top_logprobs: TopLogprobs | None = None
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -120,6 +122,7 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: Text | OnePromptList | TokenIds
     echo: bool = False
+    logprobs: TopLogprobs | None = None  # here the number of top alternatives
     suffix: Literal[""] | None = None
     best_of: Literal[1] | None = None
 

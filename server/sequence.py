@@ -9,13 +9,14 @@ last accepted one. Each step emits accepted + bonus, and the bonus becomes the n
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from server.logprobs import TokenLogprob, token_logprob
 from server.stops import StopMatcher
 from verifier.sampling import SamplingParams
 from verifier.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -55,6 +56,7 @@ class SequenceEvent:
     finish_reason: str | None = None
     usage: Usage | None = None
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # for the tokens whose text begins in this event
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Sequence:
     stop: list[str]
     sink: Callable[[SequenceEvent], None]  # called on the engine thread; must not block
     request_id: str = ""
+    logprobs: int | None = None  # with `logprobs`: how many top alternatives per token
 
     slot: int | None = None
     root_token: int | None = None  # chosen and emitted, not yet in the target's KV
@@ -96,6 +99,13 @@ class Sequence:
         self._stops = StopMatcher(self.stop)
         self._pending_text: list[str] = []
         self._error: str | None = None
+        # With logprobs, a token's entry waits for the first character of its text to be
+        # emitted (text is held back for UTF-8 and stop strings); a stop string drops the
+        # entries of tokens that wrote only its text.
+        self._text_length = 0  # characters the detokenizer has given out
+        self._emitted_length = 0  # of which emitted
+        self._held_logprobs: deque[TokenLogprob] = deque()
+        self._pending_logprobs: list[TokenLogprob] = []
 
     @property
     def is_finished(self) -> bool:
@@ -108,8 +118,9 @@ class Sequence:
         if num_drafted:
             self.accepted_lengths.append(num_accepted)
 
-    def add_token(self, token: int, tokenizer: Tokenizer) -> None:
-        """Record one token chosen by the target; decides whether the sequence ends."""
+    def add_token(self, token: int, tokenizer: Tokenizer, logits: np.ndarray) -> None:
+        """Record one token chosen by the target (from these raw logits); decides whether
+        the sequence ends."""
         self.num_chosen += 1
         if tokenizer.is_end_of_generation(token):
             self.finish("stop")
@@ -118,8 +129,13 @@ class Sequence:
             self._detokenizer = IncrementalDetokenizer(tokenizer)
         self.output_tokens.append(token)
         self.token_counts[token] += 1
-        text, hit_stop = self._stops.push(self._detokenizer.push(token))
-        self._pending_text.append(text)
+        piece = self._detokenizer.push(token)
+        if self.logprobs is not None:
+            self._held_logprobs.append(
+                token_logprob(logits, token, self.logprobs, self._text_length, tokenizer))
+        self._text_length += len(piece)
+        text, hit_stop = self._stops.push(piece)
+        self._emit(text)
         if hit_stop:
             self.finish_reason = "stop"
         elif len(self.output_tokens) >= self.max_new_tokens:
@@ -135,16 +151,28 @@ class Sequence:
             return
         if self._detokenizer is not None:
             text, hit_stop = self._stops.push(self._detokenizer.flush())
-            self._pending_text.append(text if hit_stop else text + self._stops.flush())
+            self._emit(text if hit_stop else text + self._stops.flush())
+            if not hit_stop:  # what is left wrote nothing (e.g. a control token): it goes too
+                self._pending_logprobs.extend(self._held_logprobs)
+                self._held_logprobs.clear()
         self.finish_reason = reason
+
+    def _emit(self, text: str) -> None:
+        self._pending_text.append(text)
+        self._emitted_length += len(text)
+        held = self._held_logprobs
+        while held and held[0].offset < self._emitted_length:
+            self._pending_logprobs.append(held.popleft())
 
     def take_event(self) -> SequenceEvent | None:
         """The text produced since the last event (and the end, if reached), or None."""
         text = "".join(self._pending_text)
         self._pending_text.clear()
+        logprobs = tuple(self._pending_logprobs)
+        self._pending_logprobs.clear()
         if not self.is_finished:
-            return SequenceEvent(text=text) if text else None
+            return SequenceEvent(text=text, logprobs=logprobs) if text else None
         usage = Usage(len(self.prompt_tokens), len(self.output_tokens), self.num_verify_steps,
                       self.num_drafted, self.num_accepted, self.num_chosen)
         return SequenceEvent(text=text, finish_reason=self.finish_reason, usage=usage,
-                             error=self._error)
+                             error=self._error, logprobs=logprobs)

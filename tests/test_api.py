@@ -335,3 +335,71 @@ def test_a_message_cannot_forge_the_templates_turns(client, q4_target):
     assert len(tokenizer.encode(template.render([{"role": "user", "content": forged}]))) \
         < len(plain)
 
+
+def plain_logprobs(target, messages, num_tokens, num_top):
+    """Greedy decoding here, one token at a time: (token bytes, logprob, top logprobs)."""
+    tokenizer = target.tokenizer
+    slot = target.acquire_slot()
+    logits = target.prefill(slot, tokenizer.encode(target.chat_template.render(messages))) \
+        .last_logits
+    found = []
+    for _ in range(num_tokens):
+        token = int(np.argmax(logits))
+        logprobs = logits.astype(np.float64) - np.log(np.exp(logits - logits.max()).sum()) \
+            - logits.max()
+        found.append((tokenizer.token_bytes(token), logprobs[token],
+                      sorted(logprobs, reverse=True)[:num_top]))
+        logits = target.decode(slot, token).logits[0]
+        target.commit(slot, [0])
+    target.release_slot(slot)
+    return found
+
+
+def test_chat_logprobs_are_the_targets_own(client, q4_target):
+    messages = MESSAGES[2]
+    response = client.chat.completions.create(model="m", messages=messages, temperature=0,
+                                              max_tokens=24, logprobs=True, top_logprobs=3)
+    choice = response.choices[0]
+    content = choice.logprobs.content
+    assert "".join(entry.token for entry in content) == choice.message.content
+    assert len(content) == response.usage.completion_tokens
+    expected = plain_logprobs(q4_target, messages, len(content), 3)
+    for entry, (token, logprob, top) in zip(content, expected, strict=True):
+        assert bytes(entry.bytes) == token
+        assert entry.logprob == pytest.approx(logprob, abs=1e-3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top, abs=1e-3)
+        assert bytes(entry.top_logprobs[0].bytes) == token  # greedy: the most likely
+
+    stream = client.chat.completions.create(model="m", messages=messages, temperature=0,
+                                            max_tokens=24, logprobs=True, top_logprobs=3,
+                                            stream=True)
+    streamed = [entry for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+                for entry in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = client.chat.completions.create(model="m", messages=messages, temperature=0,
+                                           max_tokens=24)
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == choice.message.content
+
+
+def test_completion_logprobs_with_offsets_and_a_stop(client):
+    body = dict(model="m", prompt="def fibonacci(n):", temperature=0, max_tokens=32,
+                logprobs=2)
+    full = client.completions.create(**body)
+    text, logprobs = full.choices[0].text, full.choices[0].logprobs
+    assert "".join(logprobs.tokens) == text
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i]))
+                                    for i in range(len(logprobs.tokens))]
+    assert all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs)
+    # a stop string: only the tokens that wrote the returned text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    stopped = client.completions.create(**body, stop=[stop]).choices[0]
+    cut = stopped.logprobs.tokens
+    assert "".join(cut).startswith(stopped.text) and len(cut) < len(logprobs.tokens)
+    assert stopped.logprobs.text_offset[-1] < len(stopped.text)
+    streamed = [chunk.choices[0].logprobs for chunk in client.completions.create(**body,
+                                                                                 stream=True)
+                if chunk.choices and chunk.choices[0].logprobs]
+    assert [t for chunk in streamed for t in chunk.tokens] == logprobs.tokens
+    assert [o for chunk in streamed for o in chunk.text_offset] == logprobs.text_offset

@@ -62,6 +62,9 @@ def assert_error(response, status, param=None, code=None):
     ({"messages": MESSAGES, "logit_bias": {"not-a-token": 1}}, "logit_bias"),
     ({"messages": MESSAGES, "logit_bias": {"999999999": 1}}, "logit_bias"),
     ({"messages": MESSAGES, "stream_options": {"include_usage": "sure"}}, "stream_options"),
+    ({"messages": MESSAGES, "logprobs": "yes"}, "logprobs"),
+    ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
 ])
 def test_bad_chat_fields_are_400_with_param(server, body, param):
     assert_error(post(server, CHAT, json=body), 400, param=param)
@@ -73,6 +76,9 @@ def test_bad_chat_fields_are_400_with_param(server, body, param):
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": [1, 10 ** 9]}, "prompt"),
     ({"prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "logprobs": 1, "echo": True}, "logprobs"),  # the prompt's: not offered
     ({}, "prompt"),
 ])
 def test_bad_completion_fields_are_400_with_param(server, body, param):
@@ -228,7 +234,8 @@ def test_logit_bias_keys_are_plain_token_ids(server, key):
 def test_null_is_a_field_left_out(server):
     nulls = dict.fromkeys(["model", "max_tokens", "temperature", "top_p", "top_k", "min_p",
                            "presence_penalty", "frequency_penalty", "logit_bias", "seed",
-                           "stop", "n", "stream", "stream_options", "logprobs", "user"])
+                           "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs",
+                           "user"])
     body = {"messages": MESSAGES, **nulls, "max_completion_tokens": 2}
     assert post(server, CHAT, json=body).status_code == 200
     body = {"prompt": "Hi", **nulls, "echo": None, "suffix": None, "best_of": None}

@@ -434,3 +434,37 @@ def test_requests_go_to_the_draft_or_to_lookup_alone_and_both_equal_plain_decodi
                                               strict=True):
         assert matches(sequence.output_tokens, reference, text)
         assert sequence.num_accepted > 0 or sequence.mode is draft_mode
+
+
+def test_logprobs_through_trees_are_the_plain_decodings(target, trained_draft):
+    """Each token's logprob comes from the logits row of the tree node that chose it: the
+    same numbers as plain decoding's, up to the batched kernels' rounding (a row off by one
+    node would be off by whole units)."""
+    def logprobs(engine):
+        found = []
+        for text, _ in PROMPTS[:6]:
+            entries = []
+            sequence = Sequence(prompt_tokens(target, text), SamplingParams(temperature=0), 64,
+                                [], sink=lambda event, into=entries: into.extend(event.logprobs),
+                                logprobs=2)
+            engine.submit(sequence)
+            while not sequence.is_finished:
+                engine.step()
+            assert len(entries) == len(sequence.output_tokens)
+            found.append((sequence, entries))
+        return found
+
+    plain = logprobs(Engine(target))
+    speculative = logprobs(Engine(target, Proposer(trained_draft, TREE)))
+    assert sum(sequence.num_accepted for sequence, _ in speculative) > 50
+    compared = 0
+    for (spec, spec_entries), (base, base_entries) in zip(speculative, plain, strict=True):
+        for token, base_token, entry, base_entry in zip(
+                spec.output_tokens, base.output_tokens, spec_entries, base_entries, strict=False):
+            if token != base_token:  # parted at a near-tie: the rest is another text
+                break
+            assert entry.token == target.tokenizer.token_bytes(token)
+            assert entry.top[0] == (entry.token, entry.logprob)  # greedy: the most likely
+            assert abs(entry.logprob - base_entry.logprob) < 0.05
+            compared += 1
+    assert compared > 200
