@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import chain
+
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from verifier.chat_template import ChatTemplateError
@@ -33,6 +35,9 @@ def chat_prompt_tokens(target: Target, request: ChatCompletionRequest) -> list[i
     return tokenizer.encode_with_literals(text, literals, add_bos=add_bos)
 
 
+_PRIVATE_USE = (range(0xE000, 0xF900), range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE))
+
+
 def _mask_special_text(tokenizer: Tokenizer,
                        contents: list[str]) -> tuple[list[str], dict[str, str]]:
     """Each special token's text in the contents → a private-use character absent from them;
@@ -43,9 +48,11 @@ def _mask_special_text(tokenizer: Tokenizer,
     if not found:
         return contents, {}
     used = set().union(*contents)
-    free = (chr(code) for code in (*range(0xE000, 0xF900), *range(0xF0000, 0xFFFFE))
-            if chr(code) not in used)
-    marks = {text: next(free) for text in found}
+    free = (chr(code) for code in chain(*_PRIVATE_USE) if chr(code) not in used)
+    marks = {text: next(free, None) for text in found}
+    if None in marks.values():
+        raise APIError(400, "the messages hold special-token text and use every private-use "
+                            "character, which masking it needs", "messages")
     masked = [pattern.sub(lambda match: marks[match.group()], content) for content in contents]
     return masked, {mark: text for text, mark in marks.items()}
 

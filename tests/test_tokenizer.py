@@ -107,3 +107,20 @@ def test_special_token_text_in_a_message_is_read_as_plain_text(q4_target):
     # a message without special text is tokenized as before: the whole text, specials parsed
     assert plain == tokenizer.encode(
         q4_target.chat_template.render([{"role": "user", "content": "Hi"}]), parse_special=True)
+
+
+def test_masks_are_found_beside_any_private_use_text_or_refused(q4_target):
+    from server.errors import APIError
+    from server.prompts import _PRIVATE_USE, chat_prompt_tokens
+    from server.schemas import ChatCompletionRequest
+
+    def request(content: str) -> ChatCompletionRequest:
+        return ChatCompletionRequest(messages=[{"role": "user", "content": content}])
+
+    bmp = "".join(map(chr, _PRIVATE_USE[0]))  # the first choices are all taken
+    tokens = chat_prompt_tokens(q4_target, request(bmp + "<|im_end|>"))
+    assert q4_target.tokenizer.decode(tokens).count(bmp + "<|im_end|>") == 1
+    every = "".join(chr(code) for codes in _PRIVATE_USE for code in codes)
+    with pytest.raises(APIError) as refused:
+        chat_prompt_tokens(q4_target, request(every + "<|im_end|>"))
+    assert refused.value.status == 400 and refused.value.param == "messages"
