@@ -150,8 +150,10 @@ def create_app(settings: Settings,
         if body.echo:
             prefix = body.prompt if isinstance(body.prompt, str) else \
                 engine.tokenizer.decode(list(body.prompt))
+        top_logprobs = requested_logprobs(body)
         fmt = ResponseFormat("text", model_name, include_usage=body.include_usage,
-                             top_logprobs=requested_logprobs(body), prefix_length=len(prefix))
+                             top_logprobs=top_logprobs, prefix_length=len(prefix),
+                             prompt_logprobs=body.echo and top_logprobs is not None)
         return await _generate(engine, request, body, prompt, budget, fmt, prefix,
                                timeout=settings.request_timeout)
 
@@ -317,6 +319,7 @@ async def _generate(engine: Engine, request: Request, body: SamplingFields,
         sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
         request_id=fmt.id,
         logprobs=fmt.top_logprobs,
+        prompt_logprobs=fmt.prompt_logprobs,
         deadline=clock.arrival + timeout if timeout else None,
     )
     engine.submit(sequence)
@@ -333,6 +336,7 @@ async def _collect(engine: Engine, sequence: Sequence, events: asyncio.Queue,
     watcher = asyncio.create_task(_cancel_on_disconnect(engine, sequence, request))
     pieces = [prefix]
     logprobs: list[TokenLogprob] = []
+    prompt_logprobs: list[TokenLogprob] = []
     event = SequenceEvent(finish_reason="cancelled")
     try:
         while True:
@@ -340,6 +344,7 @@ async def _collect(engine: Engine, sequence: Sequence, events: asyncio.Queue,
             clock.event(event)
             pieces.append(event.text)
             logprobs.extend(event.logprobs)
+            prompt_logprobs.extend(event.prompt_logprobs)
             if event.finish_reason is not None:
                 break
     finally:
@@ -352,7 +357,8 @@ async def _collect(engine: Engine, sequence: Sequence, events: asyncio.Queue,
         return error_response(APIError(500, event.error))
     if event.finish_reason == "rejected":
         return error_response(REJECTED)
-    return JSONResponse(fmt.full("".join(pieces), event.finish_reason, event.usage, logprobs))
+    return JSONResponse(fmt.full("".join(pieces), event.finish_reason, event.usage, logprobs,
+                                 prompt_logprobs))
 
 
 async def _cancel_on_disconnect(engine: Engine, sequence: Sequence, request: Request) -> None:
@@ -377,8 +383,9 @@ async def _stream(engine: Engine, sequence: Sequence, events: asyncio.Queue,
         while True:
             event: SequenceEvent = await events.get()
             clock.event(event)
-            if event.text or event.logprobs:
-                yield fmt.chunk(event.text, logprobs=event.logprobs)
+            if event.text or event.logprobs or event.prompt_logprobs:
+                yield fmt.chunk(event.text, logprobs=event.logprobs,
+                                prompt_logprobs=event.prompt_logprobs)
             if event.finish_reason is None:
                 continue
             if event.error is not None:

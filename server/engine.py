@@ -175,7 +175,9 @@ class Engine:
         while self._waiting and self.target.num_free_slots:
             with self._wakeup:
                 sequence = self._waiting.popleft()
-            sequence.slot = slot = self.target.acquire_slot(sequence.prompt_tokens)
+            # (a kept prefix is not evaluated again: the prompt's logprobs need all of it)
+            sequence.slot = slot = self.target.acquire_slot(
+                () if sequence.prompt_logprobs else sequence.prompt_tokens)
             sequence.admitted_at = time.monotonic()
             if self.choice is not None:
                 sequence.mode = self.choice.pick()
@@ -249,8 +251,8 @@ class Engine:
         try:
             tree_outputs, chunk_outputs = self.target.evaluate(
                 [TreeRequest(s.slot, tree.tokens, tree.parents) for s, tree in trees],
-                [PromptChunk(s.slot, tokens, features=s.mode is None or s.mode.features)
-                 for s, tokens in chunks])
+                [PromptChunk(s.slot, tokens, features=s.mode is None or s.mode.features,
+                             logits=s.prompt_logprobs) for s, tokens in chunks])
         except Exception as error:
             log.exception("a target decode failed")
             for sequence, _ in (*trees, *chunks):
@@ -271,6 +273,8 @@ class Engine:
 
     def _read_prompt(self, sequence: Sequence, tokens: list[int], output: ChunkOutput) -> None:
         """A prompt chunk was evaluated; after the last one, choose the first token."""
+        if sequence.prompt_logprobs:
+            sequence.add_prompt_logprobs(tokens, output.logits, self.tokenizer)
         sequence.num_prompt_read += len(tokens)
         proposer = self._proposer(sequence)
         if proposer is not None:

@@ -1,9 +1,9 @@
-"""Log-probabilities of the generated tokens (`logprobs`), in OpenAI's two shapes.
+"""Log-probabilities of the generated tokens (and of an echoed prompt's), in OpenAI's two shapes.
 
 A token's logprob is from the target's own distribution at the pass that chose it: the raw
 logits' log-softmax, before logit_bias, penalties, temperature and truncation (as vLLM
-reports by default). With speculation that pass is the tree's verification; its numbers
-can differ from a one-token decode's in the last digits, as the logits do.
+reports by default). With speculation that pass is the tree's verification: the numbers
+differ from a one-token decode's as its logits do (hundredths for F16, tenths for Q4_1).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from verifier.tokenizer import Tokenizer
 @dataclass(frozen=True)
 class TokenLogprob:
     token: bytes
-    logprob: float
-    top: tuple[tuple[bytes, float], ...]  # the most likely tokens, most likely first
+    logprob: float | None  # None: a prompt's first token, which nothing predicts
+    top: tuple[tuple[bytes, float], ...] | None  # the most likely tokens, most likely first
     offset: int  # where the token's text starts in the generated text (characters)
 
 
@@ -53,11 +53,15 @@ def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:
         for entry in entries]}
 
 
-def completion_logprobs(entries: Sequence[TokenLogprob], prefix_length: int) -> dict:
-    """`choices[].logprobs` of text_completion (and of a chunk, for its tokens); offsets
-    count from the start of the returned text, an echoed prompt (prefix_length) included."""
-    return {"tokens": [_text(entry.token) for entry in entries],
-            "token_logprobs": [entry.logprob for entry in entries],
-            "top_logprobs": [{_text(token): logprob for token, logprob in entry.top}
-                             for entry in entries],
-            "text_offset": [prefix_length + entry.offset for entry in entries]}
+def completion_logprobs(entries: Sequence[TokenLogprob], prefix_length: int,
+                        prompt_entries: Sequence[TokenLogprob] = ()) -> dict:
+    """`choices[].logprobs` of text_completion (and of a chunk, for its tokens): an echoed
+    prompt's tokens (offsets from 0), then the generated ones (after prefix_length)."""
+    every = [*prompt_entries, *entries]
+    return {"tokens": [_text(entry.token) for entry in every],
+            "token_logprobs": [entry.logprob for entry in every],
+            "top_logprobs": [None if entry.top is None else
+                             {_text(token): logprob for token, logprob in entry.top}
+                             for entry in every],
+            "text_offset": [entry.offset for entry in prompt_entries]
+            + [prefix_length + entry.offset for entry in entries]}

@@ -78,9 +78,6 @@ def requested_logprobs(request: ChatCompletionRequest | CompletionRequest) -> in
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         return (request.top_logprobs or 0) if request.logprobs else None
-    if request.logprobs is not None and request.echo:
-        raise APIError(400, "logprobs with echo (the prompt's own logprobs) is not supported",
-                       "logprobs")
     return request.logprobs
 
 

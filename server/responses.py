@@ -27,6 +27,7 @@ class ResponseFormat:
     include_usage: bool = False  # streams only: a final usage chunk, `usage: null` elsewhere
     top_logprobs: int | None = None  # with `logprobs`: top alternatives per token
     prefix_length: int = 0  # an echoed prompt's characters (text offsets count from 0)
+    prompt_logprobs: bool = False  # with echo: the prompt tokens' logprobs come first
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -49,21 +50,24 @@ class ResponseFormat:
         return {"id": self.id, "object": object_name, "created": self.created,
                 "model": self.model, "choices": choices}
 
-    def _logprobs(self, entries: Sequence[TokenLogprob]) -> dict | None:
+    def _logprobs(self, entries: Sequence[TokenLogprob],
+                  prompt_entries: Sequence[TokenLogprob]) -> dict | None:
         if self.top_logprobs is None:
             return None
         if self.kind == "chat":
             return chat_logprobs(entries)
-        return completion_logprobs(entries, self.prefix_length)
+        return completion_logprobs(entries, self.prefix_length, prompt_entries)
 
     def full(self, text: str, finish_reason: str, usage: Usage,
-             logprobs: Sequence[TokenLogprob] = ()) -> dict:
+             logprobs: Sequence[TokenLogprob] = (),
+             prompt_logprobs: Sequence[TokenLogprob] = ()) -> dict:
         finish_reason = public_finish_reason(finish_reason)
+        logprobs_body = self._logprobs(logprobs, prompt_logprobs)
         if self.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+                      "logprobs": logprobs_body, "finish_reason": finish_reason}
         else:
-            choice = {"text": text, "index": 0, "logprobs": self._logprobs(logprobs),
+            choice = {"text": text, "index": 0, "logprobs": logprobs_body,
                       "finish_reason": finish_reason}
         body = self._envelope(self._object, [choice])
         body["usage"] = usage.as_dict()
@@ -71,7 +75,8 @@ class ResponseFormat:
         return body
 
     def chunk(self, text: str, finish_reason: str | None = None, is_first: bool = False,
-              logprobs: Sequence[TokenLogprob] = ()) -> str:
+              logprobs: Sequence[TokenLogprob] = (),
+              prompt_logprobs: Sequence[TokenLogprob] = ()) -> str:
         """A stream chunk; a text chunk carries the logprobs of the tokens whose text begins
         in it (when asked for)."""
         if finish_reason is None and not is_first and self.top_logprobs is None:
@@ -79,7 +84,7 @@ class ResponseFormat:
             return head + encode_text(text) + tail
         body = self._chunk_body(text, public_finish_reason(finish_reason), is_first)
         if finish_reason is None and not is_first:
-            body["choices"][0]["logprobs"] = self._logprobs(logprobs)
+            body["choices"][0]["logprobs"] = self._logprobs(logprobs, prompt_logprobs)
         return sse(body)
 
     def _chunk_body(self, text: str, finish_reason: str | None, is_first: bool) -> dict:

@@ -41,6 +41,7 @@ Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 StopList = Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)]
 OnePromptList = Annotated[list[Text], Field(min_length=1, max_length=1)]
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+OneTokenIdsList = Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
@@ -120,7 +121,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | OnePromptList | TokenIds
+    prompt: Text | OnePromptList | TokenIds | OneTokenIdsList
     echo: bool = False
     logprobs: TopLogprobs | None = None  # here the number of top alternatives
     suffix: Literal[""] | None = None
@@ -128,8 +129,8 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _one_prompt(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            self.prompt = self.prompt[0]
+        if isinstance(self.prompt, list) and isinstance(self.prompt[0], str | list):
+            self.prompt = self.prompt[0]  # a batch of one prompt
         return self
 
     @property

@@ -57,6 +57,7 @@ class SequenceEvent:
     usage: Usage | None = None
     error: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # for the tokens whose text begins in this event
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # the prompt's, if asked (first event)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Sequence:
     sink: Callable[[SequenceEvent], None]  # called on the engine thread; must not block
     request_id: str = ""
     logprobs: int | None = None  # with `logprobs`: how many top alternatives per token
+    prompt_logprobs: bool = False  # the prompt tokens' logprobs too (needs `logprobs`)
 
     slot: int | None = None
     root_token: int | None = None  # chosen and emitted, not yet in the target's KV
@@ -106,6 +108,10 @@ class Sequence:
         self._emitted_length = 0  # of which emitted
         self._held_logprobs: deque[TokenLogprob] = deque()
         self._pending_logprobs: list[TokenLogprob] = []
+        self._prompt_logprobs: list[TokenLogprob] = []
+        self._prompt_text: IncrementalDetokenizer | None = None
+        self._prompt_text_length = 0
+        self._prompt_row: np.ndarray | None = None  # the logits after the last prompt chunk
 
     @property
     def is_finished(self) -> bool:
@@ -117,6 +123,21 @@ class Sequence:
         self.num_accepted += num_accepted
         if num_drafted:
             self.accepted_lengths.append(num_accepted)
+
+    def add_prompt_logprobs(self, tokens: list[int], logits: np.ndarray,
+                            tokenizer: Tokenizer) -> None:
+        """A prompt chunk's logprobs from its logits; the first prompt token has none
+        (nothing predicts it). Offsets count characters of the prompt's text."""
+        if self._prompt_text is None:
+            self._prompt_text = IncrementalDetokenizer(tokenizer)
+        for index, token in enumerate(tokens):
+            row = self._prompt_row if index == 0 else logits[index - 1]
+            offset = self._prompt_text_length
+            self._prompt_logprobs.append(
+                TokenLogprob(tokenizer.token_bytes(token), None, None, offset) if row is None
+                else token_logprob(row, token, self.logprobs or 0, offset, tokenizer))
+            self._prompt_text_length += len(self._prompt_text.push(token))
+        self._prompt_row = logits[-1]
 
     def add_token(self, token: int, tokenizer: Tokenizer, logits: np.ndarray) -> None:
         """Record one token chosen by the target (from these raw logits); decides whether
@@ -168,11 +189,15 @@ class Sequence:
         """The text produced since the last event (and the end, if reached), or None."""
         text = "".join(self._pending_text)
         self._pending_text.clear()
-        logprobs = tuple(self._pending_logprobs)
+        if not self.is_finished and not text:
+            return None
+        logprobs, prompt_logprobs = tuple(self._pending_logprobs), tuple(self._prompt_logprobs)
         self._pending_logprobs.clear()
+        self._prompt_logprobs.clear()
         if not self.is_finished:
-            return SequenceEvent(text=text, logprobs=logprobs) if text else None
+            return SequenceEvent(text=text, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         usage = Usage(len(self.prompt_tokens), len(self.output_tokens), self.num_verify_steps,
                       self.num_drafted, self.num_accepted, self.num_chosen)
         return SequenceEvent(text=text, finish_reason=self.finish_reason, usage=usage,
-                             error=self._error, logprobs=logprobs)
+                             error=self._error, logprobs=logprobs,
+                             prompt_logprobs=prompt_logprobs)

@@ -336,6 +336,11 @@ def test_a_message_cannot_forge_the_templates_turns(client, q4_target):
         < len(plain)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
 def plain_logprobs(target, messages, num_tokens, num_top):
     """Greedy decoding here, one token at a time: (token bytes, logprob, top logprobs)."""
     tokenizer = target.tokenizer
@@ -345,8 +350,7 @@ def plain_logprobs(target, messages, num_tokens, num_top):
     found = []
     for _ in range(num_tokens):
         token = int(np.argmax(logits))
-        logprobs = logits.astype(np.float64) - np.log(np.exp(logits - logits.max()).sum()) \
-            - logits.max()
+        logprobs = log_softmax(logits)
         found.append((tokenizer.token_bytes(token), logprobs[token],
                       sorted(logprobs, reverse=True)[:num_top]))
         logits = target.decode(slot, token).logits[0]
@@ -403,3 +407,40 @@ def test_completion_logprobs_with_offsets_and_a_stop(client):
                 if chunk.choices and chunk.choices[0].logprobs]
     assert [t for chunk in streamed for t in chunk.tokens] == logprobs.tokens
     assert [o for chunk in streamed for o in chunk.text_offset] == logprobs.text_offset
+
+
+def prefix_logprobs(target, tokens):
+    """logprob of each token after the first, from a prefill of the tokens before it."""
+    found = []
+    for end in range(1, len(tokens)):
+        slot = target.acquire_slot()
+        logits = target.prefill(slot, tokens[:end]).last_logits
+        target.release_slot(slot)
+        found.append(log_softmax(logits)[tokens[end]])
+    return found
+
+
+def test_echoed_prompt_logprobs_are_the_targets_own(client, q4_target):
+    """What lm-evaluation-harness sends to score a continuation: echo, logprobs, 1 token.
+    (llama-cpp-python's own echo logprobs are no reference: it reads token i's from the
+    logits that predict token i + 1; its `eval` scores agree with the prefills here.)"""
+    prompt = "The quick brown fox jumps over the lazy dog. Then the dog"
+    tokens = q4_target.tokenizer.encode(prompt)
+    expected = prefix_logprobs(q4_target, tokens)
+    for sent in ([prompt], [tokens]):  # text, and token ids
+        reply = client.completions.create(model="m", prompt=sent, max_tokens=1, temperature=0,
+                                          echo=True, logprobs=1).choices[0]
+        logprobs = reply.logprobs
+        assert reply.text.startswith(prompt)
+        assert "".join(logprobs.tokens) == reply.text
+        assert logprobs.tokens[:-1] == [q4_target.tokenizer.decode([t]) for t in tokens]
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        assert logprobs.token_logprobs[1:-1] == pytest.approx(expected, abs=1e-3)
+        assert logprobs.token_logprobs[-1] == max(logprobs.top_logprobs[-1].values())
+        assert logprobs.text_offset == [len("".join(logprobs.tokens[:i]))
+                                        for i in range(len(logprobs.tokens))]
+    streamed = [chunk.choices[0].logprobs for chunk in client.completions.create(
+        model="m", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=1,
+        stream=True) if chunk.choices and chunk.choices[0].logprobs]
+    assert [token for chunk in streamed for token in chunk.tokens][:len(tokens)] == \
+        logprobs.tokens[:-1]

@@ -78,7 +78,7 @@ def test_bad_chat_fields_are_400_with_param(server, body, param):
     ({"prompt": "x", "max_tokens": 1.5}, "max_tokens"),
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
     ({"prompt": "x", "logprobs": True}, "logprobs"),
-    ({"prompt": "x", "logprobs": 1, "echo": True}, "logprobs"),  # the prompt's: not offered
+    ({"prompt": [[1], [2]]}, "prompt"),  # a batch of one prompt only
     ({}, "prompt"),
 ])
 def test_bad_completion_fields_are_400_with_param(server, body, param):

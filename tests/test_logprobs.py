@@ -91,3 +91,24 @@ def test_response_shapes(q4_target):
     text = completion_logprobs(entries, prefix_length=10)
     assert text["tokens"][0] == " a" and text["text_offset"] == [10, 12]
     assert len(text["top_logprobs"][0]) == 1
+
+
+def test_prompt_logprobs_take_each_tokens_predicting_row_across_chunks(q4_target):
+    tokenizer = q4_target.tokenizer
+    prompt = tokenizer.encode("Scoring a continuation, as evaluation harnesses do. 🦙!")
+    logits = np.zeros((len(prompt), tokenizer.vocab_size), dtype=np.float32)
+    logits[np.arange(len(prompt) - 1), prompt[1:]] = 30.0  # row i predicts token i + 1
+    sequence = Sequence(prompt, SamplingParams(), 4, [], sink=None, logprobs=2,
+                        prompt_logprobs=True)
+    cut = len(prompt) // 2
+    sequence.add_prompt_logprobs(prompt[:cut], logits[:cut], tokenizer)
+    sequence.add_prompt_logprobs(prompt[cut:], logits[cut:], tokenizer)
+    sequence.add_token(prompt[0], tokenizer, logits[-1])
+    entries = sequence.take_event().prompt_logprobs
+    assert [entry.token for entry in entries] == [tokenizer.token_bytes(t) for t in prompt]
+    assert entries[0].logprob is None and entries[0].top is None
+    assert all(entry.logprob > -1e-6 and len(entry.top) == 2 for entry in entries[1:])
+    text = completion_logprobs([], prefix_length=0, prompt_entries=entries)
+    assert text["token_logprobs"][0] is None and text["top_logprobs"][0] is None
+    assert text["text_offset"] == [entry.offset for entry in entries]
+    assert text["text_offset"][-1] == len(tokenizer.decode(prompt)) - 1  # before the "!"

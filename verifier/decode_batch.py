@@ -42,12 +42,14 @@ class PromptChunk:
     slot: int
     tokens: Sequence[int]
     features: bool = True  # (with a features target) every token's feature, for a draft
+    logits: bool = False  # every token's logits (for the prompt's logprobs), not the last's only
 
 
 @dataclass(frozen=True)
 class ChunkOutput:
     last_logits: np.ndarray  # [vocab] float32: predicts the token after the chunk
     features: np.ndarray  # [len(tokens), hidden] float32, post-final-norm ([1, 0]: none)
+    logits: np.ndarray | None = None  # [len(tokens), vocab] float32, when the chunk asked
 
 
 @dataclass

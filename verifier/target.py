@@ -15,7 +15,8 @@ yields both its logits and its post-final-norm hidden state (the feature the dra
 While embeddings are on llama.cpp makes every token an output (the LM head runs for each);
 a decode of only prompt chunks that need no features (`PromptChunk.features` off: a request
 served without the draft) turns them off for that decode, computing the last token's logits
-only, as a target without features does.
+only, as a target without features does — unless a chunk asks for every token's logits
+(`PromptChunk.logits`: the prompt's logprobs).
 
 `evaluate` is the one decode: the trees of several slots and chunks of other slots' prompts
 go into a single llama.cpp batch (distinct sequence ids keep them apart), so concurrent
@@ -302,7 +303,7 @@ class Target:
             tokens.extend(chunk.tokens)
             positions.extend(range(cached, cached + count))
             seqs.extend([(base,)] * count)
-            outputs.extend([features] * (count - 1) + [True])
+            outputs.extend([features or chunk.logits] * (count - 1) + [True])
         if self.config.features and features != self._embeddings:
             llama_cpp.llama_set_embeddings(self._ctx, features)
             self._embeddings = features
@@ -325,9 +326,10 @@ class Target:
                                            features=hidden[rows].copy()))
             offset = rows.stop
         for chunk in chunks:
-            rows = slice(offset, offset + (len(chunk.tokens) if features else 1))
-            chunk_outputs.append(ChunkOutput(last_logits=logits[rows.stop - 1].copy(),
-                                             features=hidden[rows].copy()))
+            rows = slice(offset, offset + (len(chunk.tokens) if features or chunk.logits else 1))
+            chunk_outputs.append(ChunkOutput(
+                last_logits=logits[rows.stop - 1].copy(), features=hidden[rows].copy(),
+                logits=logits[rows].copy() if chunk.logits else None))
             self._slots[chunk.slot].num_cached += len(chunk.tokens)
             self._slots[chunk.slot].tokens.extend(chunk.tokens)
             offset = rows.stop
