@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Match
 
 from server.builder import build_engine
 from server.engine import Engine
@@ -26,6 +25,7 @@ from server.errors import (
 )
 from server.logprobs import TokenLogprob
 from server.metrics import CONTENT_TYPE, Metrics
+from server.middleware import CountRequests, LimitBody, RequireKey
 from server.prompts import (
     chat_prompt_tokens,
     completion_budget,
@@ -71,12 +71,12 @@ def create_app(settings: Settings,
     install_error_handlers(app)
     model_name = settings.served_model_name
     metrics = app.state.metrics = Metrics()
-    app.add_middleware(_LimitBody, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(LimitBody, max_bytes=MAX_BODY_BYTES)
     if settings.api_key is not None:
-        app.add_middleware(_RequireKey, key=settings.api_key)  # before anything is read
+        app.add_middleware(RequireKey, key=settings.api_key)  # before anything is read
     app.add_middleware(CatchUnexpected)
     # outermost: counts the 500s too, and the 401s and 413s answered before routing
-    app.add_middleware(_CountRequests, metrics=metrics, routes=app.router.routes)
+    app.add_middleware(CountRequests, metrics=metrics, routes=app.router.routes)
 
     def ready_engine(request: Request) -> Engine:
         engine: Engine | None = request.app.state.engine
@@ -158,106 +158,6 @@ def create_app(settings: Settings,
                                timeout=settings.request_timeout)
 
     return app
-
-
-class _CountRequests:
-    """ASGI middleware: count responses by route template and status (not BaseHTTPMiddleware,
-    which would get between the endpoints and their client-disconnect checks). A response
-    given before routing (a bad key, a body too large) counts under the route it was for."""
-
-    def __init__(self, app, metrics: Metrics, routes: list[BaseRoute]) -> None:
-        self.app, self.metrics, self.routes = app, metrics, routes
-
-    def _route(self, scope) -> str:
-        route = scope.get("route") or next(
-            (r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
-        return getattr(route, "path", "other")
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def counting_send(message) -> None:
-            if message["type"] == "http.response.start":
-                self.metrics.requests.labels(route=self._route(scope),
-                                             status=str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
-
-
-class _RequireKey:
-    """ASGI middleware: /v1/ routes need `Authorization: Bearer <key>`; without it, 401
-    before the body is read or checked (a stranger learns nothing about the request)."""
-
-    def __init__(self, app, key: str) -> None:
-        self.app, self.key = app, key
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            header = dict(scope.get("headers", [])).get(b"authorization", b"")
-            scheme, _, key = header.decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or key.strip() != self.key:
-                response = error_response(APIError(
-                    401, "invalid or missing API key (Authorization: Bearer <key>)",
-                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class _LimitBody:
-    """ASGI middleware: a request body over max_bytes gets 413 (by Content-Length up front,
-    or once the bytes received pass the limit)."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
-            return
-        received = 0
-        too_large = response_started = False
-
-        async def counting_receive():
-            nonlocal received, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    too_large = True
-                    raise _BodyTooLarge
-            return message
-
-        async def guarded_send(message) -> None:
-            nonlocal response_started
-            if too_large:  # whatever the app makes of the interrupted read: 413 instead
-                if not response_started:
-                    response_started = True
-                    await self._refuse(scope, receive, send)
-                return
-            response_started |= message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, guarded_send)
-        except _BodyTooLarge:
-            if not response_started:
-                await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope, receive, send) -> None:
-        error = APIError(413, f"the request body is over {self.max_bytes} bytes")
-        await error_response(error)(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 def _engine_ready(app: FastAPI, task: asyncio.Task) -> None:
