@@ -5,7 +5,8 @@
                          every user turn, after the conversation so far) greedily and the
                          draft learns those answers (at T=0 it must predict exactly them)
   --backend llama-cpp    the serving target on the CPU (default)
-  --backend torch        the same GGUF in PyTorch (draft_model/torch_target.py), e.g. on a GPU
+  --backend torch        the same GGUF in PyTorch (draft_model/training/torch_target.py),
+                         e.g. on a GPU
   --tokens-only          write {split}.npz token sets without features (training then
                          computes features on the fly with the PyTorch target);
                          --max-minutes bounds the time, e.g. on a lent GPU
@@ -27,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from draft_model.features import FeatureShard, pending_shards, shard_path
-from draft_model.humaneval import humaneval_messages, humaneval_problems
-from draft_model.sequences import SequenceSet, chat_tokens_with_mask
-from draft_model.sharegpt import (
+from draft_model.training.features import FeatureShard, pending_shards, shard_path
+from draft_model.training.humaneval import humaneval_messages, humaneval_problems
+from draft_model.training.sequences import SequenceSet, chat_tokens_with_mask
+from draft_model.training.sharegpt import (
     asks_for_code,
     default_sharegpt_path,
     fit_prompt,
@@ -106,11 +107,11 @@ def load_chat(args):
 
 def load_source(args, target):
     if args.backend == "llama-cpp":
-        from verifier.features import LlamaFeatureSource
+        from draft_model.training.llama_features import LlamaFeatureSource
 
         return LlamaFeatureSource(target)
     from draft_model.device import default_dtype, resolve_device
-    from draft_model.torch_target import TorchFeatureSource, TorchTarget
+    from draft_model.training.torch_target import TorchFeatureSource, TorchTarget
 
     device = resolve_device(args.device)
     dtype = default_dtype(device)

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from draft_model.humaneval import humaneval_messages, humaneval_problems
+from draft_model.training.humaneval import humaneval_messages, humaneval_problems
 from server.local_server import LocalServer
 from verifier.default_model import default_model_path
 from verifier.gguf_convert import write_f16_copy

@@ -8,7 +8,7 @@ speculative output equals the plain one. Writes JSON and a Markdown table.
 
 Shapes: NAME=TOP_K,DEPTH,TOKENS, e.g. chain=1,7,8 tree=8,7,16 (TOKENS counts the root).
 --lookup also (or only) runs each shape with prompt lookup merged into the draft's tree
-(draft_model/hybrid.py), as NAME+lookup. No adaptive budget here: every step drafts.
+(server/speculation/hybrid.py), as NAME+lookup. No adaptive budget here: every step drafts.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from tqdm import tqdm
 
 from draft_model.checkpoint import load_checkpoint
 from draft_model.device import default_dtype, resolve_device
-from draft_model.evaluate import AcceptanceStats
-from draft_model.humaneval import humaneval_messages, humaneval_problems
-from draft_model.hybrid import HybridProposer
-from draft_model.ngram import NgramProposer
-from draft_model.proposer import Proposer, TreeShape
 from draft_model.shipped import SHIPPED_DRAFT
 from draft_model.target_weights import read_target_weights
+from draft_model.training.evaluate import AcceptanceStats
+from draft_model.training.humaneval import humaneval_messages, humaneval_problems
 from server.engine import Engine
-from server.sequence import Sequence
+from server.engine.sequence import Sequence
+from server.speculation.draft_proposer import DraftProposer, TreeShape
+from server.speculation.hybrid import HybridProposer
+from server.speculation.ngram import NgramProposer
 from verifier.default_model import default_model_path
 from verifier.sampling import SamplingParams
 from verifier.target import Target, TargetConfig
@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     if args.lookup != "no":
         runs += [(f"{name}+lookup", shape, True) for name, shape in shapes]
     for name, shape, lookup in runs:
-        proposer = Proposer(draft, shape)
+        proposer = DraftProposer(draft, shape)
         if lookup:
             proposer = HybridProposer(proposer, NgramProposer(max_tokens=shape.total_tokens - 1))
         result = run(Engine(target, proposer), prompts, args.max_tokens, name)

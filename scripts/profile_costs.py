@@ -110,15 +110,14 @@ def draft_level_seconds(net, top_k: int, context: int, repeats: int) -> float:
 
 
 def draft_tree_seconds(net, top_k: int, context: int, repeats: int,
-                       device_growth: bool, trace: bool = False) -> float:
+                       trace: bool = False) -> float:
     """Median time of a whole tree (depth 7, 16 tokens: catch-up of one accepted token, all
-    levels, the tree back on the host), levels driven from the host or grown on the device
-    (draft_model/device_growth.py: a CUDA graph on CUDA)."""
-    from draft_model.proposer import Proposer, TreeShape
+    levels, the tree back on the host), grown on the device
+    (server/speculation/device_growth.py: a CUDA graph on CUDA)."""
+    from server.speculation.draft_proposer import DraftProposer, TreeShape
 
     hidden = net.config.hidden_size
-    proposer = Proposer(net, TreeShape(top_k=top_k, depth=7, total_tokens=16),
-                        device_growth=device_growth)
+    proposer = DraftProposer(net, TreeShape(top_k=top_k, depth=7, total_tokens=16))
     rng = np.random.default_rng(0)
     state = proposer.new_state(context + repeats + 16)  # rounds, and one to trace
     proposer.begin(state, rng.integers(0, 1000, context).tolist(),
@@ -132,7 +131,7 @@ def draft_tree_seconds(net, top_k: int, context: int, repeats: int,
         proposer.commit(state, rng.standard_normal((1, hidden)).astype(np.float32), [1])
     if trace:
         print_trace(lambda: proposer.propose(state, 1), net.embedding.device,
-                    "host-driven levels" if not device_growth else "grown on the device")
+                    "grown on the device")
     return float(np.median(times[2:]))
 
 
@@ -168,9 +167,8 @@ def main(argv=None) -> None:
     if args.draft:
         net = load_draft(args.draft, model, args.draft_device)
         level = draft_level_seconds(net, args.draft_top_k, args.context, args.repeats)
-        trees = {mode: draft_tree_seconds(net, args.draft_top_k, args.context, args.repeats,
-                                          device_growth=mode == "device", trace=args.trace)
-                 for mode in ("host", "device")}
+        trees = {"device": draft_tree_seconds(net, args.draft_top_k, args.context,
+                                              args.repeats, trace=args.trace)}
         report["draft"] = {"checkpoint": args.draft, "device": str(net.embedding.device),
                            "nodes_per_level": args.draft_top_k, "level_seconds": level,
                            "tree_seconds": trees}
@@ -207,7 +205,6 @@ def write_report(report: dict, big: VerifyCosts | None, level: float,
         lines += ["", f"Draft {d['checkpoint']} on {d['device']}: "
                   f"{d['level_seconds'] * 1000:.2f} ms per tree level of "
                   f"{d['nodes_per_level']} nodes; a whole tree (depth 7, 16 tokens) "
-                  f"{d['tree_seconds']['host'] * 1000:.2f} ms with host-driven levels, "
                   f"{d['tree_seconds']['device'] * 1000:.2f} ms grown on the device."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

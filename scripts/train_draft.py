@@ -30,17 +30,17 @@ from tqdm import tqdm
 from draft_model.checkpoint import load_checkpoint, save_checkpoint
 from draft_model.config import DraftConfig
 from draft_model.device import resolve_device
-from draft_model.evaluate import AcceptanceStats, replay
-from draft_model.features import load_split
-from draft_model.hybrid import HybridProposer
 from draft_model.model import DraftModel
-from draft_model.ngram import NgramProposer
-from draft_model.proposer import Proposer, TreeShape
-from draft_model.sequences import SequenceSet
 from draft_model.target_weights import read_target_weights
-from draft_model.train import TrainConfig
-from draft_model.trainer import RunLimits, Trainer, online_batches, shard_batches
-from draft_model.vocab import most_frequent_tokens
+from draft_model.training.evaluate import AcceptanceStats, replay
+from draft_model.training.features import load_split
+from draft_model.training.sequences import SequenceSet
+from draft_model.training.train import TrainConfig
+from draft_model.training.trainer import RunLimits, Trainer, online_batches, shard_batches
+from draft_model.training.vocab import most_frequent_tokens
+from server.speculation.draft_proposer import DraftProposer, TreeShape
+from server.speculation.hybrid import HybridProposer
+from server.speculation.ngram import NgramProposer
 from verifier.default_model import default_model_path
 from verifier.machine import has_native_bf16
 
@@ -112,7 +112,7 @@ class FeatureBackend:
 
     def torch_target(self):
         if self._torch is None:
-            from draft_model.torch_target import TorchTarget
+            from draft_model.training.torch_target import TorchTarget
 
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             self._torch = TorchTarget.load(model_path(self.args), self.device, dtype)
@@ -124,13 +124,13 @@ class FeatureBackend:
             on_the_fly = self.args.tokens is not None or self.device.type == "cuda"
             backend = "torch" if on_the_fly else "llama-cpp"
         if backend == "torch":
-            from draft_model.torch_target import TorchFeatureSource
+            from draft_model.training.torch_target import TorchFeatureSource
 
             return TorchFeatureSource(self.torch_target())
         if self._llama is None:
             import os
 
-            from verifier.features import LlamaFeatureSource
+            from draft_model.training.llama_features import LlamaFeatureSource
             from verifier.target import Target, TargetConfig
 
             target = Target(TargetConfig(model_path=model_path(self.args), num_slots=1,
@@ -179,7 +179,7 @@ def evaluate(model: DraftModel, sets: dict[str, list], max_new_tokens: int,
         for shape_name in shapes:
             base, lookup = shape_name.removesuffix("+lookup"), shape_name.endswith("+lookup")
             shape = SHAPES[base]
-            proposer = Proposer(model, shape)
+            proposer = DraftProposer(model, shape)
             if lookup:
                 proposer = HybridProposer(proposer,
                                           NgramProposer(max_tokens=shape.total_tokens - 1))

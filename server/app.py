@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.builder import build_engine
 from server.engine import Engine
+from server.engine.logprobs import TokenLogprob
+from server.engine.sequence import Sequence, SequenceEvent
 from server.errors import (
     APIError,
     CatchUnexpected,
@@ -23,7 +25,6 @@ from server.errors import (
     error_response,
     install_error_handlers,
 )
-from server.logprobs import TokenLogprob
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import CountRequests, LimitBody, RequireKey
 from server.prompts import (
@@ -35,7 +36,6 @@ from server.prompts import (
 )
 from server.responses import SSE_DONE, ResponseFormat, sse
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
-from server.sequence import Sequence, SequenceEvent
 from server.settings import Settings
 from verifier.machine import run_on_fresh_thread
 
@@ -70,7 +70,7 @@ def create_app(settings: Settings,
     app = FastAPI(title="Dovetail", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     model_name = settings.served_model_name
-    metrics = app.state.metrics = Metrics()
+    metrics = app.state.metrics = Metrics(lambda: getattr(app.state, "engine", None))
     app.add_middleware(LimitBody, max_bytes=MAX_BODY_BYTES)
     if settings.api_key is not None:
         app.add_middleware(RequireKey, key=settings.api_key)  # before anything is read
@@ -92,13 +92,6 @@ def create_app(settings: Settings,
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:
-        engine: Engine | None = request.app.state.engine
-        if engine is not None:
-            metrics.waiting.set(engine.num_waiting)
-            metrics.running.set(engine.num_active)
-            metrics.free_slots.set(engine.target.num_free_slots)
-            metrics.kv_cells_used.set(engine.kv_cells_used)
-            metrics.kv_cells_cached.set(engine.kv_cells_cached)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/health")
@@ -169,7 +162,6 @@ def _engine_ready(app: FastAPI, task: asyncio.Task) -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # a server that cannot serve should not linger
         return
     engine: Engine = task.result()
-    engine.metrics = app.state.metrics
     engine.start()
     app.state.engine = engine
     log.info("model loaded; ready")

@@ -7,17 +7,18 @@ from pathlib import Path
 
 from draft_model.checkpoint import load_checkpoint
 from draft_model.device import default_dtype, resolve_device
-from draft_model.hybrid import HybridProposer
-from draft_model.ngram import NgramProposer
-from draft_model.proposer import Proposer, TreeShape
-from draft_model.shared_ngrams import SharedNgrams
 from draft_model.shipped import SHIPPED_DRAFT, fits_shipped_draft
 from draft_model.target_weights import read_target_weights
-from server.budget import LookupBudget, TreeBudget
 from server.engine import Engine
-from server.proposer_choice import Mode, ProposerChoice
 from server.settings import Settings
+from server.speculation.budget import LookupBudget, TreeBudget
+from server.speculation.choice import Mode, ProposerChoice
+from server.speculation.draft_proposer import DraftProposer, TreeShape
+from server.speculation.hybrid import HybridProposer
+from server.speculation.ngram import NgramProposer
+from server.speculation.shared_ngrams import SharedNgrams
 from verifier.costs import LiveCosts, cached_verify_costs
+from verifier.default_model import default_model_path
 from verifier.target import Target, TargetConfig
 
 log = logging.getLogger("dovetail.server")
@@ -41,8 +42,19 @@ def draft_source(settings: Settings) -> Path | str | None:
         return SHIPPED_DRAFT
     if settings.draft == "auto":
         on_gpu = resolve_device(settings.draft_device).type == "cuda"
-        return SHIPPED_DRAFT if on_gpu and fits_shipped_draft(settings.model_path) else NGRAM
+        fits = on_gpu and (_is_default_model(settings.model_path)
+                           or fits_shipped_draft(settings.model_path))
+        return SHIPPED_DRAFT if fits else NGRAM
     return Path(settings.draft)
+
+
+def _is_default_model(model_path: Path) -> bool:
+    """The packaged default target (the shipped draft's own), known without reading its
+    metadata."""
+    try:
+        return Path(model_path).resolve() == default_model_path().resolve()
+    except FileNotFoundError:  # the default model's package is not installed
+        return False
 
 
 def live_costs(target: Target, proposal: str) -> LiveCosts:
@@ -85,7 +97,7 @@ def build_engine(settings: Settings) -> Engine:
     shape = TreeShape(top_k=settings.draft_top_k, depth=settings.draft_depth,
                       total_tokens=settings.draft_tokens)
     log.info("draft %s on %s: %s", source, device, shape)
-    proposer = Proposer(model, shape)
+    proposer = DraftProposer(model, shape)
     proposer.warm_up(settings.max_concurrency, settings.ctx_size + 1)  # CUDA graphs, now
     if not settings.draft_lookup:
         return Engine(target, proposer)
@@ -97,7 +109,6 @@ def build_engine(settings: Settings) -> Engine:
     budget = TreeBudget(costs)
     if not settings.draft_choice:
         return Engine(target, hybrid, budget=budget)
-    choice = ProposerChoice([Mode("draft", hybrid, budget, features=True),
-                             Mode("lookup", lookup, LookupBudget(costs, tree_tokens - 1),
-                                  features=False)])
+    choice = ProposerChoice([Mode("draft", hybrid, budget),
+                             Mode("lookup", lookup, LookupBudget(costs, tree_tokens - 1))])
     return Engine(target, hybrid, budget=budget, choice=choice)

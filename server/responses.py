@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from server.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
-from server.sequence import Usage
+from server.engine.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
+from server.engine.sequence import Usage
 
 # The engine's endings that OpenAI's API has no word for: stopped before its natural end.
 _PUBLIC_FINISH_REASON = {"timeout": "length", "cancelled": "length"}

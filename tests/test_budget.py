@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import pytest
 
-from draft_model.lookup_estimates import AcceptanceEstimate, LookupEstimates
-from draft_model.ngram import Lookup, NgramProposer
-from draft_model.shared_ngrams import SharedNgrams
-from draft_model.tree import DraftTree
-from server.budget import DEPTH_WINDOW, LookupBudget, TreeBudget, best_length
 from server.engine import Engine
-from server.proposer_choice import Mode, ProposerChoice
-from server.sequence import Sequence
+from server.engine.sequence import Sequence
+from server.speculation.budget import (
+    DEPTH_WINDOW,
+    LookupBudget,
+    TreeBudget,
+    best_length,
+    lookup_length,
+)
+from server.speculation.choice import Mode, ProposerChoice
+from server.speculation.lookup_estimates import AcceptanceEstimate, LookupEstimates
+from server.speculation.ngram import Lookup, NgramProposer
+from server.speculation.shared_ngrams import SharedNgrams
+from server.speculation.tree import DraftTree
 from tests.conftest import make_target
 from verifier.costs import LiveCosts, VerifyCosts, measure_verify_costs
 from verifier.sampling import SamplingParams
@@ -119,22 +125,33 @@ def test_budget_grows_with_flat_verification_and_good_acceptance():
         best_length(FLAT, good, 15)
 
 
-def test_lookup_budget_scores_proposals_against_what_the_target_produced():
-    budget = LookupBudget(FLAT, max_drafted=4)
+def test_lookup_estimates_score_proposals_against_what_the_target_produced():
+    estimates = LookupEstimates(max_drafted=4)
     pending = []
-    budget.estimates.remember(pending, start=2, lookup=Lookup([7, 8, 9], 3))
-    budget.estimates.remember(pending, start=2, lookup=Lookup([5], 0))  # no match: skip
-    budget.estimates.remember(pending, start=2, lookup=Lookup([7, 6], 3, shared=True))
-    budget.estimates.score(pending, [1, 2, 7])
+    estimates.remember(pending, start=2, lookup=Lookup([7, 8, 9], 3))
+    estimates.remember(pending, start=2, lookup=Lookup([5], 0))  # no match: skip
+    estimates.remember(pending, start=2, lookup=Lookup([7, 6], 3, shared=True))
+    estimates.score(pending, [1, 2, 7])
     assert len(pending) == 2  # 7 matched, what follows it is not yet known
-    budget.estimates.score(pending, [1, 2, 7, 8, 4])
+    estimates.score(pending, [1, 2, 7, 8, 4])
     assert pending == []
-    rates = budget.estimates.of(Lookup([7, 8, 9], 3)).rates
+    rates = estimates.of(Lookup([7, 8, 9], 3)).rates
     assert rates[0] > 0.5 and rates[1] > 0.5 and rates[2] < 0.5 and rates[3] == 0.5
     # the shared pool's 3-gram matches are learnt apart from the request's own
-    assert budget.estimates.of(Lookup([7, 6], 3, shared=True)).rates[:3] == \
+    assert estimates.of(Lookup([7, 6], 3, shared=True)).rates[:3] == \
         pytest.approx([0.55, 0.45, 0.5])
-    assert budget.choose(Lookup([7, 8, 9], 0)) == 0
+    assert lookup_length(FLAT, estimates, Lookup([7, 8, 9], 0)) == 0
+
+
+def test_the_lookup_proposer_learns_from_each_lookup_once_the_text_is_known():
+    proposer = NgramProposer(max_ngram=3, max_tokens=4)
+    state = proposer.new_state(64)
+    proposer.begin(state, [1, 2, 3, 4, 1, 2], None, 3)
+    assert proposer.lookup(state, 4).tokens == [4, 1, 2, 3]  # after "1 2 3" at the start
+    proposer.commit(state, None, [4, 1, 9])  # two came true, the third did not
+    assert state.pending == []
+    rates = proposer.estimates.of(Lookup([4], 3)).rates
+    assert rates[:3] == pytest.approx([0.55, 0.55, 0.45]) and rates[3] == 0.5
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +186,7 @@ def test_prompt_lookup_output_equals_plain_decoding(chain_target):
     budget = LookupBudget(costs, max_drafted=7)
     adaptive = generate(Engine(chain_target, proposer, budget=budget), REPEAT)
     assert adaptive.output_tokens == plain.output_tokens
-    assert any(rate != 0.5 for e in budget.estimates.by_match.values()
+    assert any(rate != 0.5 for e in proposer.estimates.by_match.values()
                for rate in e.rates)  # learnt
 
 
@@ -187,9 +204,10 @@ def test_a_repeated_request_is_drafted_from_the_shared_pool(chain_target):
     assert second.num_accepted >= len(plain.output_tokens) - 8 > first.num_accepted
     costs = measure_verify_costs(chain_target, sizes=(1, 2, 4, 8), context=64, repeats=2)
     budget = LookupBudget(costs, max_drafted=7)
-    budgeted = Engine(chain_target, NgramProposer(max_tokens=7, shared=pool), budget=budget)
+    proposer = NgramProposer(max_tokens=7, shared=pool)
+    budgeted = Engine(chain_target, proposer, budget=budget)
     assert generate(budgeted, text).output_tokens == plain.output_tokens
-    assert any(rate > 0.5 for (shared, _), e in budget.estimates.by_match.items() if shared
+    assert any(rate > 0.5 for (shared, _), e in proposer.estimates.by_match.items() if shared
                for rate in e.rates)  # learnt from the pool's proposals
 
 
@@ -221,17 +239,18 @@ class FakeHybrid:
         self.tree = DraftTree(self.tree.tokens, self.tree.parents, self.tree.depths,
                               [1.0, *tree_probs])
         self.trees = 0
-        self.growth_depth = None  # set by the budget: the chain stops there, as growth does
+        self.growth_depth = None  # asked by the budget: the chain stops there, as growth does
 
     def lookup_chain(self, state):
         return self.chain
 
-    def propose(self, state, root, lookup):
+    def propose(self, state, root, lookup, levels=None):
         self.clock.now += self.draft_seconds
         self.trees += 1
-        if self.growth_depth is None:
+        self.growth_depth = levels
+        if levels is None:
             return self.tree
-        return self.tree.best(self.growth_depth + 1)  # a chain: its first levels
+        return self.tree.best(levels + 1)  # a chain: its first levels
 
 
 class FakeClock:
@@ -282,20 +301,23 @@ def test_tree_budget_stops_drafting_when_the_draft_is_too_slow_but_probes():
 def test_tree_budget_grows_one_level_below_its_deepest_recent_cut():
     clock = FakeClock()
     steep = FakeHybrid(clock, 0.0005, [0.9] * 15)
-    sizes = run_budget(TreeBudget(TWO_CORE_Q4, clock=clock), steep, 60)
+    steep_budget = TreeBudget(TWO_CORE_Q4, clock=clock)
+    sizes = run_budget(steep_budget, steep, 60)
     # a chain cut to n nodes reaches depth n − 1: the draft grows one level more
-    assert steep.growth_depth == max(sizes[-DEPTH_WINDOW:]) <= 8
+    assert steep_budget.growth_levels == max(sizes[-DEPTH_WINDOW:]) <= 8
+    assert steep.growth_depth == max(sizes[-DEPTH_WINDOW - 1:-1])  # asked of the proposer
     flat = FakeHybrid(clock, 0.0005, [0.9] * 15)
-    sizes = run_budget(TreeBudget(FLAT, clock=clock), flat, 60)
-    assert flat.growth_depth == max(sizes[-DEPTH_WINDOW:]) >= 12  # most of the chain pays
+    flat_budget = TreeBudget(FLAT, clock=clock)
+    sizes = run_budget(flat_budget, flat, 60)
+    assert flat_budget.growth_levels == max(sizes[-DEPTH_WINDOW:]) >= 12  # most pays
     # the target takes one token a step: cuts get small, and so does the growth; then it
     # accepts whole chains again, and the depth comes back a level per drafted step
     back = FakeHybrid(clock, 0.0005, [0.9] * 15)
     budget = TreeBudget(TWO_CORE_Q4, clock=clock)
     run_budget(budget, back, 150, accepted=lambda tree: min(1, tree.num_drafted))
-    assert back.growth_depth < steep.growth_depth
+    assert budget.growth_levels < steep_budget.growth_levels
     sizes = run_budget(budget, back, 150)
-    assert back.growth_depth == steep.growth_depth == max(sizes[-DEPTH_WINDOW:])
+    assert budget.growth_levels == steep_budget.growth_levels == max(sizes[-DEPTH_WINDOW:])
 
 
 def test_tree_budget_recovers_after_the_target_rejected_every_draft():
@@ -322,8 +344,8 @@ def test_tree_budget_calibrates_the_draft_probabilities():
 
 
 def test_each_request_goes_to_the_mode_that_served_faster_and_the_other_one_is_retried():
-    draft = Mode("draft", proposer=None, budget=None, features=True)
-    lookup = Mode("lookup", proposer=None, budget=None, features=False)
+    draft = Mode("draft", proposer=None, budget=None)
+    lookup = Mode("lookup", proposer=None, budget=None)
     choice = ProposerChoice([draft, lookup], explore=4)
     assert choice.pick() is draft and choice.pick() is draft  # untried until one finishes
     choice.observe(draft, seconds=1.4, tokens=100)  # 14 ms a token

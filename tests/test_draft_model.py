@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 from draft_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from draft_model.config import DraftConfig, TargetInfo
 from draft_model.device import resolve_device
-from draft_model.device_growth import DeviceGrowth
 from draft_model.model import DraftModel, DynamicGatingFusion, KVCache
-from draft_model.proposer import Proposer, TreeShape
 from draft_model.target_weights import TargetWeights
-from draft_model.vocab import most_frequent_tokens, to_head_index
+from draft_model.training.vocab import most_frequent_tokens, to_head_index
+from server.speculation.device_growth import DeviceGrowth
+from server.speculation.draft_proposer import DraftProposer, TreeShape
+from tests.reference_growth import HostGrowthProposer
 
 HIDDEN, VOCAB = 32, 50
 
@@ -120,7 +121,7 @@ def test_reduced_vocabulary_maps_head_indices_to_target_ids():
     full, reduced = tiny_model(), tiny_model(draft_vocab=4, head_ids=head_ids)
     hidden = torch.randn(5, HIDDEN)
     torch.testing.assert_close(reduced.head_logits(hidden), full.head_logits(hidden)[:, head_ids])
-    proposer = Proposer(reduced, TreeShape(top_k=3, depth=2, total_tokens=5))
+    proposer = DraftProposer(reduced, TreeShape(top_k=3, depth=2, total_tokens=5))
     state = proposer.new_state(capacity=32)
     proposer.begin(state, [1, 2, 3], np.random.default_rng(0).standard_normal((3, HIDDEN))
                    .astype(np.float32), root_token=4)
@@ -130,12 +131,17 @@ def test_reduced_vocabulary_maps_head_indices_to_target_ids():
         tiny_model(draft_vocab=4)  # a reduced head needs its ids
 
 
+def proposer_for(device_growth: bool, model: DraftModel, shape: TreeShape) -> DraftProposer:
+    """The serving proposer, or the host-driven reference growth (tests/reference_growth.py)."""
+    return DraftProposer(model, shape) if device_growth else HostGrowthProposer(model, shape)
+
+
 def assert_same_trees(expected: list, actual: list) -> None:
     for a, b in zip(expected, actual, strict=True):
         assert (a.tokens, a.parents) == (b.tokens, b.parents)
 
 
-def grow_trees(proposer: Proposer, steps: int, seed: int = 0, launch: bool = False,
+def grow_trees(proposer: DraftProposer, steps: int, seed: int = 0, launch: bool = False,
                skip: tuple[int, ...] = (), depths: tuple[int, ...] = ()) -> list:
     """Trees of `steps` draft → commit rounds over random features, accepting each tree's
     first path down to depth 2 (so the catch-up and the scratch slots move every round).
@@ -151,18 +157,17 @@ def grow_trees(proposer: Proposer, steps: int, seed: int = 0, launch: bool = Fal
     return trees
 
 
-def run_steps(proposer: Proposer, state, root: int, steps: int, rng, launch: bool = False,
+def run_steps(proposer: DraftProposer, state, root: int, steps: int, rng, launch: bool = False,
               skip: tuple[int, ...] = (), depths: tuple[int, ...] = ()) -> tuple[list, int]:
     """grow_trees' rounds on a begun state: (the trees, the last bonus token)."""
     trees = []
     for step in range(steps):
-        if depths:
-            proposer.growth_depth = depths[step % len(depths)]
+        levels = depths[step % len(depths)] if depths else None
         if launch:
-            proposer.launch(state)
+            proposer.launch(state, levels)
         path = [0]
         if step not in skip:
-            tree = proposer.propose(state, root)
+            tree = proposer.propose(state, root, levels=levels)
             trees.append(tree)
             while len(path) < 3 and (children := [i for i, p in enumerate(tree.parents)
                                                   if p == path[-1]]):
@@ -186,9 +191,9 @@ def test_device_growth_grows_the_same_trees_as_host_growth(shape):
     also when each tree is started early (right after the commit) and when started trees
     go unused on plain steps."""
     model = tiny_model(num_layers=2)
-    host = grow_trees(Proposer(model, shape, device_growth=False), steps=6)
-    device = grow_trees(Proposer(model, shape, device_growth=True), steps=6)
-    early = grow_trees(Proposer(model, shape, device_growth=True), steps=6, launch=True)
+    host = grow_trees(HostGrowthProposer(model, shape), steps=6)
+    device = grow_trees(DraftProposer(model, shape), steps=6)
+    early = grow_trees(DraftProposer(model, shape), steps=6, launch=True)
     assert len({tuple(t.tokens) for t in host}) > 1  # the trees do change step to step
     for a, b, c in zip(host, device, early, strict=True):
         assert (a.tokens, a.parents, a.depths) == (b.tokens, b.parents, b.depths) \
@@ -196,8 +201,8 @@ def test_device_growth_grows_the_same_trees_as_host_growth(shape):
         np.testing.assert_allclose(a.draft_probs, b.draft_probs, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(a.draft_probs, c.draft_probs, rtol=1e-4, atol=1e-6)
     skip = (1, 2, 4)
-    host = grow_trees(Proposer(model, shape, device_growth=False), steps=8, skip=skip)
-    early = grow_trees(Proposer(model, shape, device_growth=True), steps=8, launch=True,
+    host = grow_trees(HostGrowthProposer(model, shape), steps=8, skip=skip)
+    early = grow_trees(DraftProposer(model, shape), steps=8, launch=True,
                        skip=skip)
     assert_same_trees(host, early)
 
@@ -209,10 +214,10 @@ def test_a_growth_depth_from_the_budget_grows_fewer_levels_alike_on_host_and_dev
     shape = TreeShape(top_k=3, depth=5, total_tokens=10)
     model = tiny_model(num_layers=2)
     depths = (2, 1, 5, 3, 9)  # 9: more than the shape's, which stays the limit
-    host = grow_trees(Proposer(model, shape, device_growth=False), steps=10, depths=depths)
-    device = grow_trees(Proposer(model, shape, device_growth=True), steps=10, launch=True,
+    host = grow_trees(HostGrowthProposer(model, shape), steps=10, depths=depths)
+    device = grow_trees(DraftProposer(model, shape), steps=10, launch=True,
                         skip=(4,), depths=depths)
-    host_skipping = grow_trees(Proposer(model, shape, device_growth=False), steps=10,
+    host_skipping = grow_trees(HostGrowthProposer(model, shape), steps=10,
                                skip=(4,), depths=depths)
     reached = [max(tree.depths) for tree in host]
     assert reached[:2] == [2, 1] and reached[3] == 3
@@ -230,7 +235,7 @@ def test_device_growth_takes_a_backlog_eagerly_but_its_last_pairs():
     model = tiny_model(num_layers=2)
 
     def trees(device_growth: bool) -> list:
-        proposer = Proposer(model, shape, device_growth=device_growth)
+        proposer = proposer_for(device_growth, model, shape)
         rng = np.random.default_rng(3)
         state = proposer.new_state(capacity=80)
         prompt = [int(token) for token in rng.integers(VOCAB, size=11)]
@@ -252,7 +257,7 @@ def test_near_the_end_of_its_cache_the_draft_stops_growing_trees_alike_on_host_a
     model = tiny_model(num_layers=2)
 
     def trees(device_growth: bool) -> tuple[list, int]:
-        proposer = Proposer(model, shape, device_growth=device_growth)
+        proposer = proposer_for(device_growth, model, shape)
         rng = np.random.default_rng(5)
         state = proposer.new_state(capacity=24)
         proposer.begin(state, [1, 2, 3, 4], rng.standard_normal((4, HIDDEN)).astype(np.float32),
@@ -272,9 +277,9 @@ def test_near_the_end_of_its_cache_the_draft_stops_growing_trees_alike_on_host_a
 def test_cuda_graph_growth_equals_eager_growth():
     shape = TreeShape(top_k=4, depth=5, total_tokens=12)
     model = tiny_model(num_layers=2).cuda()
-    graphed = grow_trees(Proposer(model, shape, device_growth=True), steps=8, launch=True,
+    graphed = grow_trees(DraftProposer(model, shape), steps=8, launch=True,
                          skip=(2, 3))
-    host = grow_trees(Proposer(model, shape, device_growth=False), steps=8, skip=(2, 3))
+    host = grow_trees(HostGrowthProposer(model, shape), steps=8, skip=(2, 3))
     assert_same_trees(host, graphed)
 
 
@@ -284,14 +289,14 @@ def test_a_released_state_serves_the_next_sequence_like_a_new_one(device_growth)
     graph): what the last sequence left in the cache must not change the next one's trees."""
     shape = TreeShape(top_k=4, depth=5, total_tokens=12)
     model = tiny_model(num_layers=2)
-    proposer = Proposer(model, shape, device_growth=device_growth)
+    proposer = proposer_for(device_growth, model, shape)
     grow_trees(proposer, steps=8, seed=0, launch=device_growth, skip=(3,))
     used = proposer.released[-1]
     again = grow_trees(proposer, steps=8, seed=1, launch=device_growth, skip=(3,))
     assert proposer.released == [used]  # the second sequence ran in the first one's state
     assert proposer.new_state(capacity=80) is used
     assert proposer.new_state(capacity=81) is not used  # too small for this one
-    fresh = grow_trees(Proposer(model, shape, device_growth=device_growth), steps=8, seed=1,
+    fresh = grow_trees(proposer_for(device_growth, model, shape), steps=8, seed=1,
                        launch=device_growth, skip=(3,))
     assert_same_trees(fresh, again)
 
@@ -304,7 +309,7 @@ def test_a_prompt_prefix_the_slot_has_seen_is_not_given_again(device_growth):
     grows from the whole prompt."""
     shape = TreeShape(top_k=4, depth=5, total_tokens=12)
     model = tiny_model(num_layers=2)
-    proposer = Proposer(model, shape, device_growth=device_growth)
+    proposer = proposer_for(device_growth, model, shape)
     rng = np.random.default_rng(0)
     first = proposer.new_state(capacity=80, key=3)
     proposer.begin(first, [1, 2, 3, 4, 5, 6], rng.standard_normal((6, HIDDEN)).astype(np.float32),
@@ -325,7 +330,7 @@ def test_a_prompt_prefix_the_slot_has_seen_is_not_given_again(device_growth):
     assert again is first and proposer.num_states == 1
     proposer.begin(again, prompt, read, 12)
     trees, _ = run_steps(proposer, again, 12, 6, np.random.default_rng(1), launch=device_growth)
-    fresh = Proposer(model, shape, device_growth=device_growth)
+    fresh = proposer_for(device_growth, model, shape)
     state = fresh.new_state(capacity=80)
     fresh.begin(state, prompt, every, 12)
     expected, _ = run_steps(fresh, state, 12, 6, np.random.default_rng(1), launch=device_growth)
@@ -340,16 +345,16 @@ def test_a_prompt_prefix_the_slot_has_seen_is_not_given_again(device_growth):
 def test_cuda_warm_up_captures_the_graphs_that_sequences_then_replay():
     shape = TreeShape(top_k=4, depth=5, total_tokens=12)
     model = tiny_model(num_layers=2).cuda()
-    proposer = Proposer(model, shape)
+    proposer = DraftProposer(model, shape)
     proposer.warm_up(2, capacity=80)
     graphs = [dict(state.growth.graphs) for state in proposer.released]
     assert [sorted(captured) for captured in graphs] == [[1, 2, 3, 4, 5]] * 2  # every depth
     graphed = grow_trees(proposer, steps=8, launch=True, skip=(2, 3))
     assert [state.growth.graphs for state in proposer.released] == graphs[::-1]  # replayed
-    host = grow_trees(Proposer(model, shape, device_growth=False), steps=8, skip=(2, 3))
+    host = grow_trees(HostGrowthProposer(model, shape), steps=8, skip=(2, 3))
     assert_same_trees(host, graphed)
     hinted = grow_trees(proposer, steps=8, launch=True, skip=(2, 3), depths=(2, 5, 1, 3))
-    host = grow_trees(Proposer(model, shape, device_growth=False), steps=8, skip=(2, 3),
+    host = grow_trees(HostGrowthProposer(model, shape), steps=8, skip=(2, 3),
                       depths=(2, 5, 1, 3))
     assert_same_trees(host, hinted)
     assert [state.growth.graphs for state in proposer.released] == graphs  # no new captures
@@ -375,13 +380,13 @@ def test_a_failed_graph_capture_falls_back_to_eager_growth_once(monkeypatch, cap
     monkeypatch.setattr(DeviceGrowth, "__init__", wants_graph)
     shape = TreeShape(top_k=4, depth=5, total_tokens=12)
     model = tiny_model(num_layers=2)
-    proposer = Proposer(model, shape, device_growth=True)
+    proposer = DraftProposer(model, shape)
     with caplog.at_level(logging.WARNING, logger="dovetail.draft"):
         first = grow_trees(proposer, steps=4, launch=True, skip=(2,))
         second = grow_trees(proposer, steps=4, launch=True, skip=(2,))  # a new sequence
     assert len(captures) == 1 and not proposer.use_graph
     assert "growing trees eagerly" in caplog.text
-    host = grow_trees(Proposer(model, shape, device_growth=False), steps=4, skip=(2,))
+    host = grow_trees(HostGrowthProposer(model, shape), steps=4, skip=(2,))
     for a, b, c in zip(host, first, second, strict=True):
         assert (a.tokens, a.parents) == (b.tokens, b.parents) == (c.tokens, c.parents)
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from draft_model.ngram import NgramProposer
 from server.engine import Engine
-from server.sequence import Sequence
+from server.engine.sequence import Sequence
+from server.speculation.ngram import NgramProposer
 from tests.conftest import make_target
 from verifier.sampling import SamplingParams
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.logprobs import chat_logprobs, completion_logprobs, token_logprob
-from server.sequence import Sequence
+from server.engine.logprobs import chat_logprobs, completion_logprobs, token_logprob
+from server.engine.sequence import Sequence
 from verifier.sampling import SamplingParams
 
 

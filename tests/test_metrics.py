@@ -182,13 +182,30 @@ def test_a_hundred_clients_that_leave_mid_request_leave_nothing_behind(plain_ser
 
 
 def test_drafting_time_counts_also_when_nothing_drafted_was_verified():
-    """The adaptive budget may draft and then verify the root alone: that time was spent."""
+    """The adaptive budget may draft and then verify the root alone: that time was spent.
+    The engine's counters reach /metrics through the collector at scrape time."""
+    from types import SimpleNamespace
+
+    from server.engine.counters import EngineCounters
     from server.metrics import Metrics
 
-    metrics = Metrics()
-    metrics.observe_step(num_drafted=0, num_accepted=0, draft_seconds=0.25)
-    metrics.observe_step(num_drafted=3, num_accepted=2, draft_seconds=0.5)
+    counters = EngineCounters()
+    engine = SimpleNamespace(counters=counters, num_waiting=3, num_active=1,
+                             target=SimpleNamespace(num_free_slots=2))
+    metrics = Metrics(lambda: engine)
+    counters.add_step(num_drafted=0, num_accepted=0, draft_seconds=0.25)
+    counters.add_step(num_drafted=3, num_accepted=2, draft_seconds=0.5)
+    counters.add_request("lookup")
     registry = metrics.registry
     assert registry.get_sample_value("dovetail:spec_decode_draft_seconds_total") == 0.75
     assert registry.get_sample_value("dovetail:spec_decode_num_drafts_total") == 1
     assert registry.get_sample_value("dovetail:spec_decode_num_draft_tokens_total") == 3
+    assert registry.get_sample_value("dovetail:spec_decode_num_accepted_tokens_total") == 2
+    per_position = "dovetail:spec_decode_num_accepted_tokens_per_pos_total"
+    assert registry.get_sample_value(per_position, {"position": "2"}) == 1
+    assert registry.get_sample_value(per_position, {"position": "3"}) is None
+    assert registry.get_sample_value("dovetail:spec_decode_requests_by_proposer_total",
+                                     {"proposer": "lookup"}) == 1
+    assert registry.get_sample_value("dovetail:num_requests_waiting") == 3
+    assert registry.get_sample_value("dovetail:free_slots") == 2
+    assert Metrics().registry.get_sample_value("dovetail:free_slots") == 0  # still loading

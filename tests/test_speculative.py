@@ -23,18 +23,18 @@ import torch
 
 from draft_model.config import DraftConfig
 from draft_model.device import default_dtype
-from draft_model.hybrid import HybridProposer
 from draft_model.model import DraftModel
-from draft_model.ngram import NgramProposer
-from draft_model.proposer import Proposer, TreeShape
-from draft_model.shared_ngrams import SharedNgrams
 from draft_model.target_weights import read_target_weights
-from draft_model.train import Batch, TrainConfig, train_steps
-from draft_model.vocab import most_frequent_tokens
-from server.budget import LookupBudget, TreeBudget
+from draft_model.training.train import Batch, TrainConfig, train_steps
+from draft_model.training.vocab import most_frequent_tokens
 from server.engine import Engine
-from server.proposer_choice import Mode, ProposerChoice
-from server.sequence import Sequence
+from server.engine.sequence import Sequence
+from server.speculation.budget import LookupBudget, TreeBudget
+from server.speculation.choice import Mode, ProposerChoice
+from server.speculation.draft_proposer import DraftProposer, TreeShape
+from server.speculation.hybrid import HybridProposer
+from server.speculation.ngram import NgramProposer
+from server.speculation.shared_ngrams import SharedNgrams
 from tests.conftest import NEAR_TIE, Reference, make_target, plain_greedy, prompt_tokens
 from verifier import acceptance, sampling
 from verifier.costs import VerifyCosts
@@ -178,7 +178,7 @@ def test_greedy_speculative_output_equals_plain_decoding(draft_kind, shape, devi
                                                          references, random_draft, trained_draft):
     draft = random_draft if draft_kind == "random" else trained_draft
     device = torch.device(device)
-    proposer = Proposer(draft.to(device, default_dtype(device)), shape)
+    proposer = DraftProposer(draft.to(device, default_dtype(device)), shape)
     sequences = generate(Engine(target, proposer), PROMPTS)
     draft.to("cpu", torch.float32)
     assert proposer.num_states == 1  # each request ran in the state the one before left
@@ -207,7 +207,7 @@ def test_the_next_chat_turn_reuses_the_kept_prefix_with_a_draft(f16_model, targe
     reusing = make_target(f16_model, num_slots=2, max_tree_nodes=16, max_tree_branches=16,
                           reuse_prefixes=True)
     try:
-        proposer = Proposer(trained_draft, TREE)
+        proposer = DraftProposer(trained_draft, TREE)
         engine = Engine(reusing, proposer)
         question = "Why is the sky blue?"
         [first] = generate(engine, [(question, 48)])
@@ -276,7 +276,7 @@ def test_a_seed_gives_the_same_sampled_text_with_or_without_speculation(target, 
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=1234)
     prompts = PROMPTS[4:10]
     plain, margins = sampled_plain(Engine(target), prompts, params, monkeypatch)
-    tree = Engine(target, Proposer(trained_draft, TREE))
+    tree = Engine(target, DraftProposer(trained_draft, TREE))
     lookup = NgramProposer(max_tokens=7, shared=SharedNgrams())
     budgeted = Engine(target, lookup, budget=LookupBudget(FLAT_COSTS, 7))
     for engine in (tree, budgeted, tree):
@@ -302,7 +302,7 @@ def test_quantized_target_diverges_only_at_near_ties(q4_target, trained_draft):
     and plain output may part where the target's top two logits nearly tie — nowhere else."""
     prompts = PROMPTS[4:14]
     plain = generate(Engine(q4_target), prompts)
-    spec = generate(Engine(q4_target, Proposer(trained_draft, TREE)), prompts)
+    spec = generate(Engine(q4_target, DraftProposer(trained_draft, TREE)), prompts)
     num_identical = 0
     for (text, _), a, b in zip(prompts, plain, spec, strict=True):
         if a.output_tokens == b.output_tokens:
@@ -319,7 +319,7 @@ def test_quantized_target_diverges_only_at_near_ties(q4_target, trained_draft):
     assert num_identical >= len(prompts) // 2
 
 
-class RecordingProposer(Proposer):
+class RecordingProposer(DraftProposer):
     """Keeps every tree it proposes, so a test can replay the same batches."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -378,9 +378,9 @@ COPY = ("Add type hints to this function:\ndef add_numbers(first_number, second_
 @pytest.mark.parametrize("budgeted", [False, True], ids=["full-tree", "budget"])
 def test_draft_tree_with_prompt_lookup_equals_plain_decoding(budgeted, target, references,
                                                              trained_draft, random_draft):
-    def hybrid(draft):  # the budgeted engine takes the GPU's path: trees grown on the
-        # device (eagerly on a CPU) and started as soon as a step's tokens are committed
-        return HybridProposer(Proposer(draft, TREE, device_growth=budgeted),
+    def hybrid(draft):  # trees grown on the device (eagerly on a CPU), started as soon as a
+        # step's tokens are committed
+        return HybridProposer(DraftProposer(draft, TREE),
                               NgramProposer(max_tokens=TREE.total_tokens - 1))
 
     proposer = hybrid(trained_draft)
@@ -396,7 +396,7 @@ def test_draft_tree_with_prompt_lookup_equals_plain_decoding(budgeted, target, r
 
     # lookup finds what an untrained draft cannot: the code it is asked to copy
     reference = plain_greedy(target, *COPY)
-    alone = generate(Engine(target, Proposer(random_draft, TREE)), [COPY])[0]
+    alone = generate(Engine(target, DraftProposer(random_draft, TREE)), [COPY])[0]
     helped = generate(Engine(target, hybrid(random_draft),
                              budget=TreeBudget(FLAT_COSTS) if budgeted else None), [COPY])[0]
     assert matches(helped.output_tokens, reference, COPY[0])
@@ -408,10 +408,9 @@ def test_requests_go_to_the_draft_or_to_lookup_alone_and_both_equal_plain_decodi
     """Per request, the draft (prompt read with features) or lookup alone (prompt read
     without them, as plain decoding reads it): every output is the target's own."""
     lookup = NgramProposer(max_tokens=TREE.total_tokens - 1, shared=SharedNgrams())
-    hybrid = HybridProposer(Proposer(random_draft, TREE, device_growth=True), lookup)
-    draft_mode = Mode("draft", hybrid, TreeBudget(FLAT_COSTS), features=True)
-    lookup_mode = Mode("lookup", lookup, LookupBudget(FLAT_COSTS, TREE.total_tokens - 1),
-                       features=False)
+    hybrid = HybridProposer(DraftProposer(random_draft, TREE), lookup)
+    draft_mode = Mode("draft", hybrid, TreeBudget(FLAT_COSTS))
+    lookup_mode = Mode("lookup", lookup, LookupBudget(FLAT_COSTS, TREE.total_tokens - 1))
     engine = Engine(target, hybrid, budget=draft_mode.budget,
                     choice=ProposerChoice([draft_mode, lookup_mode], explore=2))
     chunks_read = []
@@ -423,7 +422,7 @@ def test_requests_go_to_the_draft_or_to_lookup_alone_and_both_equal_plain_decodi
 
     monkeypatch.setattr(target, "evaluate", recording)
     # every 2nd request to the slower mode, however much slower: both modes take turns
-    monkeypatch.setattr("server.proposer_choice.FAR", float("inf"))
+    monkeypatch.setattr("server.speculation.choice.FAR", float("inf"))
     prompts = PROMPTS[4:10]
     sequences = generate(engine, prompts)
     modes = [sequence.mode.name for sequence in sequences]
@@ -455,7 +454,7 @@ def test_logprobs_through_trees_are_the_plain_decodings(target, trained_draft):
         return found
 
     plain = logprobs(Engine(target))
-    speculative = logprobs(Engine(target, Proposer(trained_draft, TREE)))
+    speculative = logprobs(Engine(target, DraftProposer(trained_draft, TREE)))
     assert sum(sequence.num_accepted for sequence, _ in speculative) > 50
     compared = 0
     for (spec, spec_entries), (base, base_entries) in zip(speculative, plain, strict=True):
@@ -468,3 +467,46 @@ def test_logprobs_through_trees_are_the_plain_decodings(target, trained_draft):
             assert abs(entry.logprob - base_entry.logprob) < 0.05
             compared += 1
     assert compared > 200
+
+
+def test_a_long_lookup_prompt_read_partly_beside_a_decoding_request_is_served(
+        target, random_draft, monkeypatch):
+    """A lookup-mode prompt longer than one batch: its chunks read beside another request's
+    trees come back with features, those read alone without. The lookup needs none, so the
+    mix must not fail the request, and its output is plain decoding's."""
+    lookup = NgramProposer(max_tokens=TREE.total_tokens - 1)
+    hybrid = HybridProposer(DraftProposer(random_draft, TREE), lookup)
+    draft_mode = Mode("draft", hybrid, TreeBudget(FLAT_COSTS))
+    lookup_mode = Mode("lookup", lookup, LookupBudget(FLAT_COSTS, TREE.total_tokens - 1))
+    engine = Engine(target, hybrid, budget=draft_mode.budget,
+                    choice=ProposerChoice([draft_mode, lookup_mode]))
+    text = " ".join(f"item {n}: {n * n}," for n in range(70)) + " and the next one is"
+    long_prompt = prompt_tokens(target, text)
+    batch = target.config.batch_size
+    assert batch < len(long_prompt) <= 2 * batch
+    reference = plain_greedy(target, text, 16)
+    read = []  # (beside trees, features' shape) of each of the long prompt's chunks
+    evaluate = target.evaluate
+
+    def recording(trees, chunks):
+        tree_outputs, chunk_outputs = evaluate(trees, chunks)
+        read.extend((bool(trees), output.features.shape)
+                    for chunk, output in zip(chunks, chunk_outputs, strict=True)
+                    if chunk.tokens in (long_prompt[:batch], long_prompt[batch:]))
+        return tree_outputs, chunk_outputs
+
+    monkeypatch.setattr(target, "evaluate", recording)
+    picks = iter([draft_mode, lookup_mode])
+    monkeypatch.setattr(engine.choice, "pick", lambda: next(picks))
+    params = SamplingParams(temperature=0)
+    short = Sequence(prompt_tokens(target, PROMPTS[4][0]), params, 2, [], sink=lambda e: None)
+    long = Sequence(long_prompt, params, 16, [], sink=lambda e: None)
+    engine.submit(short)  # to the draft
+    engine.step()  # its prompt: it decodes from now on, for one step
+    engine.submit(long)  # to lookup alone
+    while not long.is_finished:
+        engine.step()
+    assert (short.mode, long.mode) == (draft_mode, lookup_mode)
+    assert [beside for beside, _ in read] == [True, False]  # first chunk beside short's tree
+    assert long.finish_reason == "length", long.take_event()
+    assert long.output_tokens == reference.tokens

@@ -1,4 +1,4 @@
-from server.stops import StopMatcher
+from server.engine.stops import StopMatcher
 
 
 def feed(matcher, pieces):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from draft_model.config import DraftConfig
-from draft_model.evaluate import AcceptanceStats, accepted_length, replay
 from draft_model.model import DraftModel
-from draft_model.sequences import SequenceSet, chat_tokens_with_mask, padded_batches
-from draft_model.sharegpt import (
+from draft_model.training.evaluate import AcceptanceStats, accepted_length, replay
+from draft_model.training.sequences import SequenceSet, chat_tokens_with_mask, padded_batches
+from draft_model.training.sharegpt import (
     asks_for_code,
     default_sharegpt_path,
     fit_prompt,
@@ -22,9 +22,9 @@ from draft_model.sharegpt import (
     prompts_of,
     to_messages,
 )
-from draft_model.train import Batch, TrainConfig, draft_loss
-from draft_model.trainer import RunLimits, Trainer
-from draft_model.tree import DraftTree
+from draft_model.training.train import Batch, TrainConfig, draft_loss
+from draft_model.training.trainer import RunLimits, Trainer
+from server.speculation.tree import DraftTree
 from tests.test_draft_model import tiny_model, tiny_target
 
 
@@ -316,14 +316,14 @@ def test_replay_counts_every_answer_token_once():
 
 
 def test_replay_with_a_real_draft_commits_consistently():
-    from draft_model.proposer import Proposer, TreeShape
+    from server.speculation.draft_proposer import DraftProposer, TreeShape
 
     model = tiny_model(num_layers=1)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 50, 30)
     features = rng.standard_normal((30, 32)).astype(np.float32)
     for shape in (TreeShape(1, 4, 5), TreeShape(3, 3, 8)):
-        stats = replay(Proposer(model, shape), tokens, features, answer_start=12)
+        stats = replay(DraftProposer(model, shape), tokens, features, answer_start=12)
         assert stats.tokens == 30 - 1 - 12 and stats.steps >= stats.tokens / shape.total_tokens
 
 

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-import draft_model.torch_target as torch_target_module
+import draft_model.training.torch_target as torch_target_module
 from draft_model.checkpoint import load_checkpoint, read_checkpoint_config
-from draft_model.features import FeatureShard, load_split, shard_paths
-from draft_model.proposer import Proposer, TreeShape
-from draft_model.sequences import SequenceSet
 from draft_model.shipped import SHIPPED_DRAFT
 from draft_model.target_weights import read_target_weights
-from draft_model.torch_target import TorchFeatureSource, TorchTarget
+from draft_model.training.features import FeatureShard, load_split, shard_paths
+from draft_model.training.sequences import SequenceSet
+from draft_model.training.torch_target import TorchFeatureSource, TorchTarget
 from server.engine import Engine
-from server.sequence import Sequence
+from server.engine.sequence import Sequence
+from server.speculation.draft_proposer import DraftProposer, TreeShape
 from tests.conftest import NUM_THREADS, make_target
 from verifier.sampling import SamplingParams
 
@@ -71,7 +71,7 @@ def test_the_pytorch_port_computes_the_targets_features(q4_target, torch_target)
 def test_grouped_cache_attention_equals_sdpa_with_enable_gqa():
     """The port's cached attention (a KV head serves its query heads' rows together) is
     SDPA's own GQA arithmetic, for one new token and for several."""
-    from draft_model.torch_target import _grouped_attention
+    from draft_model.training.torch_target import _grouped_attention
 
     torch.manual_seed(0)
     for length in (1, 5):
@@ -278,7 +278,7 @@ def test_the_shipped_draft_fits_the_default_model_and_is_accepted(default_model)
     draft = load_checkpoint(SHIPPED_DRAFT, read_target_weights(default_model))
     target = make_target(default_model, num_slots=1, max_tree_nodes=16, max_tree_branches=16)
     try:
-        engine = Engine(target, Proposer(draft, TreeShape(top_k=8, depth=7, total_tokens=16)))
+        engine = Engine(target, DraftProposer(draft, TreeShape(top_k=8, depth=7, total_tokens=16)))
         prompt = chat_tokens(target, "Complete this Python function:\n"
                                      "def add(a: int, b: int) -> int:\n"
                                      '    """Return the sum of a and b."""\n')

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from draft_model.tree import DraftTree, TreeBuilder
+from server.speculation.tree import DraftTree, TreeBuilder
 
 
 def grow(builder: TreeBuilder, depth: int, rng: np.random.Generator) -> None:

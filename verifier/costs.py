@@ -36,6 +36,9 @@ class VerifyCosts:
         slope = (times[-1] - times[-2]) / (sizes[-1] - sizes[-2])
         return times[-1] + slope * (tokens - sizes[-1])
 
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A fixed profile (tests, offline tools) learns nothing from the decodes."""
+
     def as_json(self) -> dict[str, float]:
         return {str(k): v for k, v in sorted(self.seconds.items())}
 

@@ -2,13 +2,7 @@
 
 One llama.cpp context serves every request. When trees have branches its KV cache is
 *unified* (one pool of cells shared by all sequence ids), which is what lets a single
-decode verify a tree: each
-root→leaf branch is its own sequence id and a node carries the ids of every branch through
-it, so each node attends exactly to the committed prefix plus its own ancestors.
-
-Sequence ids: slot s owns ids [s·B, (s+1)·B) with B = max_tree_branches. Id s·B (the slot's
-*base* sequence) holds the committed tokens; the others are scratch branches that exist only
-between `verify_tree` and `commit`.
+decode verify a tree; which ids and cells each request holds is verifier/kv_slots.py's.
 
 With `features` on (for a draft), the context has embeddings on, so every decoded token
 yields both its logits and its post-final-norm hidden state (the feature the draft reads).
@@ -27,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
@@ -42,9 +36,9 @@ from verifier.decode_batch import (
     TreeOutput,
     TreeRequest,
     tree_leaves,
-    validate_path,
     validate_tree,
 )
+from verifier.kv_slots import KvSlots
 from verifier.tokenizer import Tokenizer
 from verifier.weight_buffers import use_extra_buffers
 
@@ -72,19 +66,6 @@ class TargetConfig:
     # llama.cpp's extra weight buffer types (AMX tiles, repacked layouts): "auto" (off where
     # the build uses AMX, whose kernel crashed here: verifier/weight_buffers.py), "on", "off".
     extra_buffers: str = "auto"
-
-
-@dataclass
-class _Slot:
-    num_cached: int = 0  # committed tokens in the base sequence (positions 0..num_cached-1)
-    # Between verify_tree and commit: for each node, the index of one leaf whose branch
-    # contains it, and the number of leaves.
-    node_leaf: list[int] | None = None
-    parents: list[int] | None = None
-    num_leaves: int = 0
-    is_free: bool = True
-    tokens: list[int] = field(default_factory=list)  # the committed token ids
-    tree_tokens: list[int] | None = None  # the tree awaiting commit
 
 
 class Target:
@@ -143,7 +124,8 @@ class Target:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._embeddings = config.features  # the context's current setting
         self._batch = DecodeBatch(batch_capacity, num_seq_max)
-        self._slots = [_Slot() for _ in range(config.num_slots)]
+        self._kv = KvSlots(self._memory, config.num_slots, config.max_tree_branches,
+                           config.reuse_prefixes)
 
     # -- chat template --------------------------------------------------------------------
 
@@ -161,64 +143,29 @@ class Target:
 
     @property
     def num_free_slots(self) -> int:
-        return sum(slot.is_free for slot in self._slots)
+        return self._kv.num_free
 
     def acquire_slot(self, prompt: Sequence[int] = ()) -> int:
         """A free slot, empty — or, with reuse_prefixes, the free slot whose kept tokens share
-        the longest prefix with `prompt`, holding that prefix (all but the prompt's last two
-        tokens at most): see `num_cached`."""
-        free = [index for index, slot in enumerate(self._slots) if slot.is_free]
-        if not free:
-            raise RuntimeError("no free slot")
-        best, keep = free[0], 0
-        if self.config.reuse_prefixes and prompt:
-            # longest shared prefix; among equals, the slot that keeps least (spare the rest)
-            shared = {index: _common_prefix(self._slots[index].tokens, prompt) for index in free}
-            best = max(free, key=lambda index: (shared[index], -len(self._slots[index].tokens)))
-            # Leave at least two tokens to evaluate: a quantized model's one-token kernels
-            # round differently from its batched ones, and the prompt's last logits must
-            # not depend on whether a prefix was kept.
-            keep = max(0, min(shared[best], len(prompt) - 2))
-        else:
-            best = min(free, key=lambda index: len(self._slots[index].tokens))
-        base = self._slot_seq_ids(best)[0]
-        llama_cpp.llama_memory_seq_rm(self._memory, base, keep, -1)
-        self._slots[best] = _Slot(num_cached=keep, is_free=False,
-                                  tokens=self._slots[best].tokens[:keep])
-        return best
+        the longest prefix with `prompt`, holding that prefix: see `num_cached`."""
+        return self._kv.acquire(prompt)
 
     def release_slot(self, slot_index: int) -> None:
-        """Free the slot: drop its scratch branches and an uncommitted tree; its committed
-        cells too, unless reuse_prefixes keeps them for a later prompt."""
-        slot = self._slots[slot_index]
-        self._drop_uncommitted(slot_index)
-        if not self.config.reuse_prefixes:
-            llama_cpp.llama_memory_seq_rm(self._memory, self._slot_seq_ids(slot_index)[0], -1, -1)
-            slot.tokens = []
-        self._slots[slot_index] = _Slot(is_free=True, tokens=slot.tokens)
+        """Free the slot (its committed cells stay for a later prompt with reuse_prefixes)."""
+        self._kv.release(slot_index)
 
     def truncate(self, slot_index: int, keep: int) -> None:
-        """Keep only the first `keep` committed tokens of a slot between trees (e.g. of a
-        prefix acquire_slot kept, when the caller can use less of it)."""
-        slot = self._slot(slot_index)
-        if slot.node_leaf is not None or not 0 <= keep <= slot.num_cached:
-            raise ValueError(f"cannot keep {keep} of the slot's {slot.num_cached} tokens here")
-        llama_cpp.llama_memory_seq_rm(self._memory, self._slot_seq_ids(slot_index)[0], keep, -1)
-        slot.num_cached = keep
-        del slot.tokens[keep:]
+        """Keep only the first `keep` committed tokens of a slot between trees."""
+        self._kv.truncate(slot_index, keep)
 
     def num_cached(self, slot_index: int) -> int:
-        return self._slots[slot_index].num_cached
-
-    def _slot_seq_ids(self, slot_index: int) -> range:
-        base = slot_index * self.config.max_tree_branches
-        return range(base, base + self.config.max_tree_branches)
+        return self._kv.num_cached(slot_index)
 
     # -- decoding ---------------------------------------------------------------------------
 
     def prefill(self, slot_index: int, tokens: Sequence[int]) -> PrefillOutput:
         """Evaluate a fresh slot's whole prompt in chunks of batch_size and commit it."""
-        slot = self._slot(slot_index)
+        slot = self._kv.acquired(slot_index)
         if slot.num_cached or slot.node_leaf is not None:
             raise RuntimeError("prefill needs an empty slot")
         if not tokens:
@@ -244,7 +191,7 @@ class Target:
 
     def check_tree(self, request: TreeRequest) -> list[int]:
         """Raise ValueError/RuntimeError if the tree cannot be verified; return node depths."""
-        slot = self._slot(request.slot)
+        slot = self._kv.acquired(request.slot)
         if slot.node_leaf is not None:
             raise RuntimeError("verify_tree called twice without commit")
         num_nodes = len(request.tokens)
@@ -258,7 +205,7 @@ class Target:
         return depths
 
     def check_chunk(self, chunk: PromptChunk) -> None:
-        slot = self._slot(chunk.slot)
+        slot = self._kv.acquired(chunk.slot)
         if slot.node_leaf is not None:
             raise RuntimeError("a prompt chunk cannot follow an uncommitted tree")
         if not chunk.tokens:
@@ -290,15 +237,15 @@ class Target:
         seqs: list[Sequence[int]] = []
         outputs: list[bool] = []  # which tokens' logits (and features) llama.cpp returns
         for tree, depths in zip(trees, all_depths, strict=True):
-            node_seqs = self._branch_tree(tree)
-            cached = self._slots[tree.slot].num_cached
+            node_seqs = self._kv.branch_tree(tree)
+            cached = self._kv.num_cached(tree.slot)
             tokens.extend(tree.tokens)
             positions.extend(cached + depth for depth in depths)
             seqs.extend(node_seqs)
             outputs.extend([True] * len(tree.tokens))
         for chunk in chunks:
-            cached = self._slots[chunk.slot].num_cached
-            base = self._slot_seq_ids(chunk.slot)[0]
+            cached = self._kv.num_cached(chunk.slot)
+            base = self._kv.seq_ids(chunk.slot)[0]
             count = len(chunk.tokens)
             tokens.extend(chunk.tokens)
             positions.extend(range(cached, cached + count))
@@ -311,7 +258,7 @@ class Target:
             self._decode(tokens, positions, seqs, outputs)
         except RuntimeError:
             for slot_index in slots:
-                self._drop_uncommitted(slot_index)
+                self._kv.drop_uncommitted(slot_index)
             raise
 
         num_outputs = sum(outputs)
@@ -330,100 +277,26 @@ class Target:
             chunk_outputs.append(ChunkOutput(
                 last_logits=logits[rows.stop - 1].copy(), features=hidden[rows].copy(),
                 logits=logits[rows].copy() if chunk.logits else None))
-            self._slots[chunk.slot].num_cached += len(chunk.tokens)
-            self._slots[chunk.slot].tokens.extend(chunk.tokens)
+            self._kv.add_chunk(chunk.slot, chunk.tokens)
             offset = rows.stop
         return tree_outputs, chunk_outputs
-
-    def _branch_tree(self, tree: TreeRequest) -> list[list[int]]:
-        """Give each root→leaf branch its own sequence id; return every node's ids.
-
-        Branch k is sequence seq_ids[k]; branch 0 is the base sequence itself, the others
-        first share the committed prefix (cells gain a sequence id, nothing is copied).
-        """
-        slot = self._slots[tree.slot]
-        parents = tree.parents
-        num_nodes = len(tree.tokens)
-        leaves = tree_leaves(parents)
-        seq_ids = self._slot_seq_ids(tree.slot)
-        node_seqs: list[list[int]] = [[] for _ in range(num_nodes)]
-        node_leaf = [-1] * num_nodes
-        for k, leaf in enumerate(leaves):
-            if k > 0:
-                llama_cpp.llama_memory_seq_cp(self._memory, seq_ids[0], seq_ids[k], -1, -1)
-            node = leaf
-            while node >= 0:
-                node_seqs[node].append(seq_ids[k])
-                if node_leaf[node] < 0:
-                    node_leaf[node] = k
-                node = parents[node]
-        slot.node_leaf, slot.parents, slot.num_leaves = node_leaf, list(parents), len(leaves)
-        slot.tree_tokens = list(tree.tokens)
-        return node_seqs
-
-    def _drop_uncommitted(self, slot_index: int) -> None:
-        """Undo a failed decode's bookkeeping: keep only the committed tokens."""
-        slot = self._slots[slot_index]
-        seq_ids = self._slot_seq_ids(slot_index)
-        llama_cpp.llama_memory_seq_rm(self._memory, seq_ids[0], slot.num_cached, -1)
-        for seq in seq_ids[1:]:
-            llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
-        slot.node_leaf, slot.parents, slot.num_leaves = None, None, 0
-        slot.tree_tokens = None
 
     def decode(self, slot_index: int, token: int) -> TreeOutput:
         """One token: a tree that is only a root. `commit(slot, [0])` keeps it."""
         return self.verify_tree(slot_index, [token], [-1])
 
     def commit(self, slot_index: int, path: Sequence[int]) -> None:
-        """Keep the KV of the accepted root→node path of the last tree; drop the rest.
-
-        This is the only place where the target's KV is rolled back. The accepted path lies
-        inside one branch (the leaf recorded for its last node). If that branch is the base
-        sequence, the base is trimmed after the path; otherwise the base drops all tree cells
-        and re-acquires the path's cells from that branch. Then every scratch branch is
-        removed, freeing cells no sequence holds. Positions stay contiguous:
-        0..num_cached-1 plus the path at num_cached..num_cached+len(path)-1.
-        """
-        slot = self._slot(slot_index)
-        if slot.node_leaf is None or slot.parents is None:
-            raise RuntimeError("commit without a verified tree")
-        validate_path(path, slot.parents)
-        seq_ids = self._slot_seq_ids(slot_index)
-        start = slot.num_cached
-        end = start + len(path)
-        branch = slot.node_leaf[path[-1]] if path else 0
-        if branch == 0:
-            llama_cpp.llama_memory_seq_rm(self._memory, seq_ids[0], end, -1)
-        else:
-            llama_cpp.llama_memory_seq_rm(self._memory, seq_ids[0], start, -1)
-            llama_cpp.llama_memory_seq_cp(self._memory, seq_ids[branch], seq_ids[0], start, end)
-        for k in range(1, slot.num_leaves):
-            llama_cpp.llama_memory_seq_rm(self._memory, seq_ids[k], -1, -1)
-        slot.num_cached = end
-        slot.tokens.extend(slot.tree_tokens[node] for node in path)
-        slot.node_leaf, slot.parents, slot.num_leaves = None, None, 0
-        slot.tree_tokens = None
+        """Keep the KV of the accepted root→node path of the last tree; drop the rest (the
+        target's only KV rollback: KvSlots.commit)."""
+        self._kv.commit(slot_index, path)
 
     def sequence_positions(self, slot_index: int) -> list[tuple[int, int]]:
-        """(min, max) position held by each of the slot's sequences, base first; (-1, -1)
-        for an empty one. Between commits only the base holds anything."""
-        return [(llama_cpp.llama_memory_seq_pos_min(self._memory, seq),
-                 llama_cpp.llama_memory_seq_pos_max(self._memory, seq))
-                for seq in self._slot_seq_ids(slot_index)]
+        """(min, max) position held by each of the slot's sequences, base first."""
+        return self._kv.sequence_positions(slot_index)
 
     def kv_cells(self) -> tuple[int, int]:
-        """(KV cells held by acquired slots, cells free slots keep for prompt prefixes), in
-        one pass over the sequences (call from the decoding thread)."""
-        used = cached = 0
-        for index, slot in enumerate(self._slots):
-            cells = sum(high - low + 1 for low, high in self.sequence_positions(index)
-                        if high >= 0)
-            if slot.is_free:
-                cached += cells
-            else:
-                used += cells
-        return used, cached
+        """(KV cells held by acquired slots, cells free slots keep for prompt prefixes)."""
+        return self._kv.kv_cells()
 
     def close(self) -> None:
         if self._ctx:
@@ -433,12 +306,6 @@ class Target:
             self._ctx = None
 
     # -- internals --------------------------------------------------------------------------
-
-    def _slot(self, slot_index: int) -> _Slot:
-        slot = self._slots[slot_index]
-        if slot.is_free:
-            raise RuntimeError(f"slot {slot_index} is not acquired")
-        return slot
 
     def _decode(self, tokens: Sequence[int], positions: Sequence[int],
                 seq_ids: Sequence[Sequence[int]], outputs: Sequence[bool]) -> None:
@@ -451,12 +318,3 @@ class Target:
         """A [count, width] view on llama.cpp's output buffer (valid until the next decode)."""
         pointer = getter(self._ctx)
         return np.ctypeslib.as_array(pointer, shape=(count, width))
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    length = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        length += 1
-    return length

@@ -6,7 +6,6 @@ import gguf
 
 from draft_model.checkpoint import read_checkpoint_config
 from draft_model.target_weights import read_target_info
-from verifier.default_model import default_model_path
 
 # Trained for SmolLM2-135M-Instruct (the default target): `dovetail serve`'s default draft.
 SHIPPED_DRAFT = Path(__file__).parent / "smollm2-135m-instruct"
@@ -14,13 +13,8 @@ SHIPPED_DRAFT = Path(__file__).parent / "smollm2-135m-instruct"
 
 def fits_shipped_draft(model_path: Path) -> bool:
     """Whether the shipped draft was trained for this GGUF's model: the same architecture,
-    sizes and tokenizer (the packaged file, a copy of it, or its F16 copy). Reading another
+    sizes and tokenizer (the packaged file, a copy of it, or its F16 copy). Reading a
     file's metadata takes a few seconds (the tokenizer's 49k tokens and merges)."""
-    try:
-        if Path(model_path).resolve() == default_model_path().resolve():
-            return True
-    except FileNotFoundError:
-        pass  # the default model's package is not installed
     _, trained_for, _ = read_checkpoint_config(SHIPPED_DRAFT)
     try:
         info = read_target_info(gguf.GGUFReader(model_path))

@@ -10,7 +10,7 @@ count over SmolLM2-135M's answers to 40 HumanEval problems, a 5-token match cont
 correctly at its first token over 90% of the time, a 1-token match 10–45%), and the budget
 learns a separate acceptance estimate per match length.
 
-With a shared pool (draft_model/shared_ngrams.py) the texts of earlier requests are searched
+With a shared pool (server/speculation/shared_ngrams.py) the texts of earlier requests are searched
 too; the longer match wins (this request's own on a tie), and its estimates are kept apart
 from the own context's.
 """
@@ -19,22 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from draft_model.shared_ngrams import SharedNgrams
-from draft_model.tree import DraftTree
-
-
-@dataclass(frozen=True)
-class Lookup:
-    """A lookup's proposal: the tokens after the matched n-gram, and where they came from."""
-
-    tokens: list[int] = field(default_factory=list)
-    match_length: int = 0  # 0: nothing matched
-    shared: bool = False  # found in an earlier request's text, not this request's own
-
-    @property
-    def key(self) -> tuple[bool, int]:
-        """What the acceptance estimates are kept per."""
-        return self.shared, self.match_length
+from server.speculation.lookup_estimates import Lookup, LookupEstimates, PendingLookup
+from server.speculation.shared_ngrams import SharedNgrams
+from server.speculation.tree import DraftTree
 
 
 @dataclass
@@ -42,15 +29,23 @@ class NgramState:
     tokens: list[int] = field(default_factory=list)  # the context, the root included
     # n-gram (as a tuple) → the index just after its latest occurrence, for every n
     index: dict[tuple[int, ...], int] = field(default_factory=dict)
+    pending: list[PendingLookup] = field(default_factory=list)  # lookups not yet scored
 
 
 class NgramProposer:
+    """Every lookup is remembered and scored once the text after it is known, verified or
+    not: `estimates` (per kind of match) is what the budgets and the hybrid's ranking
+    read."""
+
+    uses_features = False
+
     def __init__(self, max_ngram: int = 5, min_ngram: int = 1, max_tokens: int = 8,
                  shared: SharedNgrams | None = None) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError("need 1 ≤ min_ngram ≤ max_ngram")
         self.max_ngram, self.min_ngram, self.max_tokens = max_ngram, min_ngram, max_tokens
         self.shared = shared  # earlier requests' texts, or None: this request's own only
+        self.estimates = LookupEstimates(max_tokens)
 
     def new_state(self, capacity: int, key: int | None = None) -> NgramState:
         return NgramState()
@@ -70,8 +65,9 @@ class NgramProposer:
 
     def commit(self, state: NgramState, path_features, next_tokens: list[int]) -> None:
         self._extend(state, next_tokens)
+        self.estimates.score(state.pending, state.tokens)
 
-    def launch(self, state: NgramState) -> None:
+    def launch(self, state: NgramState, levels: int | None = None) -> None:
         """Nothing to start ahead: a lookup is done when the step needs it."""
 
     def propose(self, state: NgramState, root_token: int,
@@ -83,6 +79,11 @@ class NgramProposer:
     def lookup(self, state: NgramState, limit: int) -> Lookup:
         """The tokens after the latest earlier occurrence of the context's longest matching
         suffix: in its own context, or in the shared pool where that match is longer."""
+        lookup = self._search(state, limit)
+        self.estimates.remember(state.pending, len(state.tokens), lookup)
+        return lookup
+
+    def _search(self, state: NgramState, limit: int) -> Lookup:
         if limit <= 0:
             return Lookup()
         own = self._own_lookup(state, limit)

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from draft_model.device_growth import DeviceGrowth, top_children
 from draft_model.model import DraftModel, KVCache
-from draft_model.tree import DraftTree, TreeBuilder
+from server.speculation.device_growth import DeviceGrowth
+from server.speculation.tree import DraftTree, TreeBuilder
 
 
 @dataclass(frozen=True)
@@ -47,21 +47,20 @@ class DraftState:
     next_token: int = -1  # verified next (the root): its feature comes with the next commit
 
 
-class Proposer:
-    def __init__(self, model: DraftModel, shape: TreeShape,
-                 device_growth: bool | None = None) -> None:
-        """device_growth: grow trees on the draft's device (draft_model/device_growth.py,
-        a CUDA graph per draft state on CUDA); default: on CUDA only."""
+class DraftProposer:
+    """The DGF draft's EAGLE-2 trees. Each tree is grown by DeviceGrowth (on CUDA one
+    captured graph per state; elsewhere the same tensor code, eagerly) and can be started
+    early (`launch`), right after a step's commit, so the draft works while the host goes
+    on."""
+
+    uses_features = True
+
+    def __init__(self, model: DraftModel, shape: TreeShape) -> None:
         self.model = model.eval()
         self.shape = shape
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
-        self.device_growth = self.device.type == "cuda" if device_growth is None \
-            else device_growth
         self.use_graph = True  # until a capture fails: then eager growth for every sequence
-        # Levels to grow per tree, at most the shape's: set by the adaptive budget from the
-        # depths its cut trees reach (a level nobody verifies is time the step waits for).
-        self.growth_depth: int | None = None
         self.released: list[DraftState] = []  # states free for any sequence
         self.by_key: dict[int, DraftState] = {}  # released under a key (the engine: its slot)
         self.num_states = 0  # states made so far
@@ -127,7 +126,7 @@ class Proposer:
         """Prepare `count` states for sequences of up to `capacity` tokens now (at start-up)
         rather than at the first requests: with device growth on CUDA, each one's tree
         growth is captured as a CUDA graph here."""
-        if not (self.device_growth and self.device.type == "cuda"):
+        if self.device.type != "cuda":
             return
         states = [self.new_state(capacity) for _ in range(count)]
         for state in states:
@@ -183,14 +182,13 @@ class Proposer:
         state.seen_tokens.extend(tokens)
 
     @torch.inference_mode()
-    def launch(self, state: DraftState) -> None:
-        """With device growth: start the next tree now — the catch-up on the pending pairs
-        and the growth are queued on the device, and `propose` collects them. The engine
-        calls this as soon as a step's accepted tokens are committed, so the device drafts
-        while the host commits the target's cache, streams tokens and looks up the next
-        step's proposal. Without device growth the draft runs on the host's schedule anyway:
-        nothing to start early."""
-        if not self.device_growth or (state.launched and not state.pending_tokens):
+    def launch(self, state: DraftState, levels: int | None = None) -> None:
+        """Start the next tree now: the catch-up on the pending pairs and `levels` levels of
+        growth (default: the shape's depth) are queued on the device, and `propose` collects
+        them. The engine calls this as soon as a step's accepted tokens are committed, so a
+        GPU drafts while the host commits the target's cache, streams tokens and looks up
+        the next step's proposal (on a CPU the growth simply runs here)."""
+        if state.launched and not state.pending_tokens:
             return
         state.launched = False
         if not state.pending_tokens:
@@ -204,7 +202,8 @@ class Proposer:
             self._catch_up(state, excess)
         features = np.concatenate(state.pending_features)
         state.growth = self._growth_for(state)
-        state.growth.start(features, state.pending_tokens, state.num_committed, self._depth)
+        state.growth.start(features, state.pending_tokens, state.num_committed,
+                           self._levels(levels))
         if state.growth.capture_failed:
             self.use_graph = False
         state.num_committed += len(state.pending_tokens)
@@ -219,9 +218,8 @@ class Proposer:
         return max(self.shape.total_tokens, 1)
 
     def _has_room(self, state: DraftState) -> bool:
-        """A tree can grow after the pending pairs: its scratch slots and (on the device)
-        the padded catch-up fit in the cache — one rule for both growths, so that they
-        stop growing trees at the same step."""
+        """A tree can grow after the pending pairs: its scratch slots and the padded
+        catch-up fit in the cache."""
         shape, capacity = self.shape, state.cache.capacity
         committed = state.num_committed + len(state.pending_tokens)
         first_padded = committed - min(len(state.pending_tokens), self._max_pending)
@@ -242,83 +240,38 @@ class Proposer:
 
     @torch.inference_mode()
     def propose(self, state: DraftState, root_token: int,
-                graft: tuple[list[int], list[float]] | None = None) -> DraftTree:
-        """The draft's tree below root_token. graft: (tokens, cumulative log-scores) of a
-        chain from another proposer, ranked together with the draft's candidates."""
+                graft: tuple[list[int], list[float]] | None = None,
+                levels: int | None = None) -> DraftTree:
+        """The draft's tree below root_token (the one launched, or one grown now with
+        `levels` levels). graft: (tokens, cumulative log-scores) of a chain from another
+        proposer, ranked together with the draft's candidates."""
         builder = TreeBuilder(root_token, self.shape.top_k, self.shape.total_tokens)
-        if self.device_growth:
-            self.launch(state)  # unless launched already
-            if state.launched:
-                state.growth.collect(builder)
-                state.launched = False
-        else:
-            self._grow(state, builder)
+        self.launch(state, levels)  # unless launched already
+        if state.launched:
+            state.growth.collect(builder)
+            state.launched = False
         if graft is not None:
             builder.add_chain(*graft)
         return builder.finish()
-
-    def _grow(self, state: DraftState, builder: TreeBuilder) -> None:
-        """The host-driven growth: per level, a mask built here and the top-k read back."""
-        hidden = self._catch_up_to_grow(state)
-        if hidden is None:
-            return
-        committed, depth = state.num_committed, self._depth
-        frontier = builder.add_children([0], *self._top_children(hidden[None]))
-        proposer_hidden = {node: hidden for node in frontier}  # node → output that proposed it
-        slot_of: dict[int, int] = {}  # expanded node → its scratch cache slot
-        next_slot = committed
-        for level in range(2, depth + 1):
-            first_slot = next_slot
-            next_slot += len(frontier)
-            mask = np.zeros((len(frontier), next_slot), dtype=bool)  # built on the host
-            mask[:, :committed] = True
-            for row, node in enumerate(frontier):
-                slot_of[node] = first_slot + row
-                ancestor = node
-                while ancestor > 0:
-                    mask[row, slot_of[ancestor]] = True
-                    ancestor = builder.parents[ancestor]
-            slots = torch.arange(first_slot, next_slot, device=self.device)
-            mask = torch.from_numpy(mask).to(self.device)
-            features = torch.stack([proposer_hidden[node] for node in frontier])[None]
-            tokens = torch.tensor([[builder.tokens[node] for node in frontier]], device=self.device)
-            positions = torch.tensor([[committed - 1 + level - 1] * len(frontier)],
-                                     device=self.device)
-            outputs = self.model(features, tokens, positions, state.cache, slots, mask)[0]
-            children = self._top_children(outputs)
-            expanded = frontier
-            frontier = builder.add_children(expanded, *children)
-            by_parent = dict(zip(expanded, outputs, strict=True))
-            proposer_hidden = {node: by_parent[builder.parents[node]] for node in frontier}
 
     @property
     def _max_depth(self) -> int:
         return max(min(self.shape.depth, self.shape.total_tokens - 1), 1)
 
-    @property
-    def _depth(self) -> int:
-        """Levels this tree grows: the shape's, or fewer where the budget asks for fewer."""
-        if self.growth_depth is None:
-            return self._max_depth
-        return min(max(self.growth_depth, 1), self._max_depth)
+    def _levels(self, levels: int | None) -> int:
+        """Levels a tree grows: the shape's, or fewer where the budget asks for fewer."""
+        return self._max_depth if levels is None else min(max(levels, 1), self._max_depth)
 
-    def _catch_up_to_grow(self, state: DraftState) -> torch.Tensor | None:
-        """Catch up; the output [H] that predicts the root's children, or None when no
-        tree grows (nothing pending, a one-node tree, no scratch room left)."""
-        has_room = self._has_room(state)
-        hidden = self._catch_up(state)
-        return hidden if has_room else None
-
-    def _catch_up(self, state: DraftState, count: int | None = None) -> torch.Tensor | None:
+    def _catch_up(self, state: DraftState, count: int | None = None) -> None:
         """Run the first `count` pending pairs (default: all) through the draft into
-        committed cache slots; the last one's output [H], or None."""
+        committed cache slots (those that fit)."""
         if not state.pending_tokens:
-            return None
+            return
         features = np.concatenate(state.pending_features)
         count = len(state.pending_tokens) if count is None else count
         start = state.num_committed
         if start + count > state.cache.capacity:
-            return None
+            return
         feature_tensor = torch.from_numpy(features[:count])
         if self.device.type == "cuda":  # pinned: an asynchronous copy
             feature_tensor = feature_tensor.pin_memory().to(self.device, non_blocking=True)
@@ -327,13 +280,7 @@ class Proposer:
         positions = torch.arange(start, start + count, device=self.device)[None]
         mask = torch.ones(count, start + count, dtype=torch.bool, device=self.device)
         mask[:, start:] = torch.tril(mask[:, start:])
-        hidden = self.model(feature_tensor, tokens, positions, state.cache, positions[0], mask)
+        self.model(feature_tensor, tokens, positions, state.cache, positions[0], mask)
         state.num_committed = start + count
         state.pending_features = [features[count:]] if count < len(features) else []
         del state.pending_tokens[:count]
-        return hidden[0, -1]
-
-    def _top_children(self, hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """hidden [P, H] → target token ids and log-probs of the top_k, each [P, k]."""
-        tokens, log_probs = top_children(self.model, hidden, self.shape.top_k)
-        return tokens.cpu().numpy(), log_probs.cpu().numpy()

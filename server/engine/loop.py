@@ -1,15 +1,16 @@
 """The generation loop, on its own thread: admit → draft → verify → accept → commit → emit.
 
 One engine step advances every active sequence together: each decoding sequence gets a
-tree from the proposer, and all trees — plus the next chunk of the prompts still being
-read — are verified in one llama.cpp decode (`Target.evaluate`). Prompts are read
-`batch_size` tokens per step, oldest request first, so a long prompt holds running streams
-up for at most one chunk per step. Plain decoding is the same loop without a proposer: each
-tree is just the root, and the target's own next token (the bonus token) is emitted.
+tree from its proposer (as much of it as its budget says pays), and all trees — plus the
+next chunk of the prompts still being read — are verified in one llama.cpp decode
+(`Target.evaluate`). Prompts are read `batch_size` tokens per step, oldest request first,
+so a long prompt holds running streams up for at most one chunk per step. Plain decoding is
+the same loop without a proposer: each tree is just the root, and the target's own next
+token (the bonus token) is emitted.
 
-With a per-request choice (server/proposer_choice.py) each request gets, when admitted, one
-mode's proposer and budget — the draft, or prompt lookup alone, whose prompt is then read
-without features.
+With a per-request choice (server/speculation/choice.py) each request gets, when admitted,
+one mode's proposer and budget — the draft, or prompt lookup alone, whose prompt is then
+read without features.
 
 Limits: a sequence past its deadline (or past the shutdown grace) ends with what it has
 ("timeout"); one still waiting for a slot at its deadline, or when the server drains for
@@ -25,16 +26,12 @@ from collections import Counter, deque
 
 import numpy as np
 
-from draft_model.hybrid import HybridProposer
-from draft_model.ngram import NgramProposer
-from draft_model.proposer import Proposer
-from draft_model.tree import DraftTree
-from server.budget import LookupBudget, TreeBudget
-from server.metrics import Metrics
-from server.proposer_choice import ProposerChoice
-from server.sequence import Sequence, SequenceEvent
+from server.engine.counters import EngineCounters
+from server.engine.sequence import Sequence, SequenceEvent
+from server.speculation.choice import ProposerChoice
+from server.speculation.proposer import Budget, FullBudget, Proposer
+from server.speculation.tree import DraftTree
 from verifier.acceptance import Acceptance, accept_greedy, accept_sampled
-from verifier.costs import LiveCosts
 from verifier.decode_batch import ChunkOutput, PromptChunk, TreeOutput, TreeRequest
 from verifier.sampling import adjust_logits, choose_token, target_probs
 from verifier.target import Target
@@ -43,17 +40,15 @@ log = logging.getLogger("dovetail.engine")
 
 
 class Engine:
-    def __init__(self, target: Target,
-                 proposer: Proposer | HybridProposer | NgramProposer | None = None,
-                 metrics: Metrics | None = None,
-                 budget: LookupBudget | TreeBudget | None = None,
-                 choice: ProposerChoice | None = None) -> None:
-        """choice: per request, one of its modes' proposer and budget instead of these."""
+    def __init__(self, target: Target, proposer: Proposer | None = None,
+                 budget: Budget | None = None, choice: ProposerChoice | None = None) -> None:
+        """budget: per step, how much of the proposal the target verifies (default: all of
+        it); choice: per request, one of its modes' proposer and budget instead of these."""
         self.target = target
         self.proposer = proposer
-        self.budget = budget  # per step: which proposal and how many drafted tokens pay
+        self.budget = budget if budget is not None or proposer is None else FullBudget()
         self.choice = choice
-        self.metrics = metrics
+        self.counters = EngineCounters()  # read by /metrics; written only by this thread
         self.tokenizer = target.tokenizer
         self.chunk_size = target.config.batch_size  # prompt tokens read per step, at most
         self._waiting: deque[Sequence] = deque()
@@ -62,8 +57,6 @@ class Engine:
         self._is_stopping = False
         self._drain_deadline: float | None = None
         self._thread: threading.Thread | None = None
-        self.kv_cells_used = 0  # read by /metrics; written only by the engine thread
-        self.kv_cells_cached = 0  # kept by free slots for prompt prefixes
 
     # -- called from other threads ----------------------------------------------------------
 
@@ -130,23 +123,33 @@ class Engine:
         self._waiting.clear()
 
     def step(self) -> None:
-        self._expire_waiting()
+        """One step of every running sequence, in the method's order."""
         self._admit()
+        running = self._running()
+        trees = self._draft([s for s in running if s.root_token is not None])
+        chunks = self._next_chunks([s for s in running if s.root_token is None])
+        outputs = self._verify(trees, chunks)
+        if outputs is not None:
+            tree_outputs, chunk_outputs = outputs
+            for (sequence, tree), output in zip(trees, tree_outputs, strict=True):
+                acceptance = self._guarded(self._accept, sequence, tree, output)
+                if acceptance is not None:
+                    self._guarded(self._commit, sequence, tree, output, acceptance)
+            for (sequence, tokens), output in zip(chunks, chunk_outputs, strict=True):
+                self._guarded(self._read_prompt, sequence, tokens, output)
+        for sequence in self._active:
+            self._emit(sequence)
+        self._retire()
+
+    def _running(self) -> list[Sequence]:
+        """The active sequences still running: a cancelled or overdue one ends here."""
         now = time.monotonic()
         for sequence in self._active:
             if sequence.cancelled.is_set():
                 sequence.finish("cancelled")  # no-op for a sequence already finished
             elif self._is_past_due(sequence, now):
                 sequence.finish("timeout")
-        running = [s for s in self._active if not s.is_finished]
-        trees = self._draft([s for s in running if s.root_token is not None])
-        chunks = self._next_chunks([s for s in running if s.root_token is None])
-        if trees or chunks:
-            self._verify(trees, chunks)
-        for sequence in self._active:
-            self._emit(sequence)
-        self._retire()
-        self.kv_cells_used, self.kv_cells_cached = self.target.kv_cells()
+        return [s for s in self._active if not s.is_finished]
 
     def _is_past_due(self, sequence: Sequence, now: float) -> bool:
         drain = self._drain_deadline
@@ -170,8 +173,10 @@ class Engine:
                 self._emit(sequence)
 
     def _admit(self) -> None:
-        """Give waiting sequences a slot; their prompts are read over the next steps (all
-        but the prefix the slot may still hold from an earlier request)."""
+        """Refuse what can no longer wait; give waiting sequences a slot. Their prompts are
+        read over the next steps (all but the prefix the slot may still hold from an earlier
+        request)."""
+        self._expire_waiting()
         while self._waiting and self.target.num_free_slots:
             with self._wakeup:
                 sequence = self._waiting.popleft()
@@ -181,8 +186,7 @@ class Engine:
             sequence.admitted_at = time.monotonic()
             if self.choice is not None:
                 sequence.mode = self.choice.pick()
-                if self.metrics is not None:
-                    self.metrics.observe_proposer(sequence.mode.name)
+                self.counters.add_request(sequence.mode.name)
             proposer = self._proposer(sequence)
             kept = self.target.num_cached(slot)  # a prompt prefix kept from an earlier request
             if kept and proposer is not None:
@@ -195,10 +199,10 @@ class Engine:
             sequence.num_prompt_read = kept
             self._active.append(sequence)
 
-    def _proposer(self, sequence: Sequence):
+    def _proposer(self, sequence: Sequence) -> Proposer | None:
         return self.proposer if sequence.mode is None else sequence.mode.proposer
 
-    def _budget(self, sequence: Sequence):
+    def _budget(self, sequence: Sequence) -> Budget | None:
         return self.budget if sequence.mode is None else sequence.mode.budget
 
     def _draft(self, sequences: list[Sequence]) -> list[tuple[Sequence, DraftTree]]:
@@ -217,18 +221,15 @@ class Engine:
         return trees
 
     def _propose(self, sequence: Sequence) -> DraftTree:
-        proposer, budget = self._proposer(sequence), self._budget(sequence)
-        if budget is not None:
-            tree = budget.propose(proposer, sequence)
-        else:
-            tree = proposer.propose(sequence.draft_state, sequence.root_token)
+        tree = self._budget(sequence).propose(self._proposer(sequence), sequence)
         self.target.check_tree(TreeRequest(sequence.slot, tree.tokens, tree.parents))
         return tree
 
     def _launch(self, sequence: Sequence) -> None:
-        """Start the next tree on the draft's device (with device growth; else a no-op)."""
+        """Start the sequence's next tree now (where the proposer drafts ahead)."""
         started = time.perf_counter()
-        self._proposer(sequence).launch(sequence.draft_state)
+        self._proposer(sequence).launch(sequence.draft_state,
+                                        self._budget(sequence).growth_levels)
         sequence.launch_seconds = time.perf_counter() - started
 
     def _next_chunks(self, sequences: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
@@ -246,30 +247,36 @@ class Engine:
         return chunks
 
     def _verify(self, trees: list[tuple[Sequence, DraftTree]],
-                chunks: list[tuple[Sequence, list[int]]]) -> None:
+                chunks: list[tuple[Sequence, list[int]]]
+                ) -> tuple[list[TreeOutput], list[ChunkOutput]] | None:
+        """One target decode for every tree and prompt chunk; None if there was nothing to
+        do or the decode failed (which ends the sequences in it)."""
+        if not trees and not chunks:
+            return None
         started = time.perf_counter()
         try:
-            tree_outputs, chunk_outputs = self.target.evaluate(
+            outputs = self.target.evaluate(
                 [TreeRequest(s.slot, tree.tokens, tree.parents) for s, tree in trees],
-                [PromptChunk(s.slot, tokens, features=s.mode is None or s.mode.features,
+                [PromptChunk(s.slot, tokens, features=self._reads_features(s),
                              logits=s.prompt_logprobs) for s, tokens in chunks])
         except Exception as error:
             log.exception("a target decode failed")
             for sequence, _ in (*trees, *chunks):
                 sequence.fail(f"generation failed: {error}")
-            return
+            return None
         seconds = time.perf_counter() - started
-        if self.metrics is not None and trees:
-            self.metrics.observe_verify(seconds)
-        if self.metrics is not None and chunks:
-            self.metrics.observe_prompt(seconds)
-        if trees and not chunks and self.budget is not None \
-                and isinstance(self.budget.costs, LiveCosts):
-            self.budget.costs.observe(sum(len(tree.tokens) for _, tree in trees), seconds)
-        for (sequence, tree), output in zip(trees, tree_outputs, strict=True):
-            self._guarded(self._advance, sequence, tree, output)
-        for (sequence, tokens), output in zip(chunks, chunk_outputs, strict=True):
-            self._guarded(self._read_prompt, sequence, tokens, output)
+        if trees:
+            self.counters.verify_seconds += seconds
+        if chunks:
+            self.counters.prompt_seconds += seconds
+        elif self.budget is not None:  # what verifying this many tokens costs here
+            self.budget.observe_decode(sum(len(tree.tokens) for _, tree in trees), seconds)
+        return outputs
+
+    def _reads_features(self, sequence: Sequence) -> bool:
+        """Whether the sequence's prompt is read with features: unless its mode's proposer
+        needs none (then llama.cpp computes the last token's logits only)."""
+        return sequence.mode is None or sequence.mode.proposer.uses_features
 
     def _read_prompt(self, sequence: Sequence, tokens: list[int], output: ChunkOutput) -> None:
         """A prompt chunk was evaluated; after the last one, choose the first token."""
@@ -277,7 +284,7 @@ class Engine:
             sequence.add_prompt_logprobs(tokens, output.logits, self.tokenizer)
         sequence.num_prompt_read += len(tokens)
         proposer = self._proposer(sequence)
-        if proposer is not None:
+        if proposer is not None and proposer.uses_features:
             sequence.prompt_features.append(output.features)
         if sequence.num_prompt_read < len(sequence.prompt_tokens):
             return
@@ -294,38 +301,16 @@ class Engine:
             capacity = max(self.target.config.ctx_size,
                            len(sequence.prompt_tokens) + sequence.max_new_tokens) + 1
             sequence.draft_state = proposer.new_state(capacity, key=sequence.slot)
-            proposer.begin(sequence.draft_state, sequence.prompt_tokens,
-                           np.concatenate(sequence.prompt_features), token)
+            features = np.concatenate(sequence.prompt_features) if proposer.uses_features \
+                else None
+            proposer.begin(sequence.draft_state, sequence.prompt_tokens, features, token)
             self._launch(sequence)
             sequence.prompt_features.clear()
-            if self.metrics is not None:
-                self.metrics.observe_draft_start(time.perf_counter() - started)
-
-    def _advance(self, sequence: Sequence, tree: DraftTree, output: TreeOutput) -> None:
-        """After the decode: accept, commit both sides, record the new tokens."""
-        acceptance = self._accept(sequence, tree, output)
-        new_tokens = [tree.tokens[node] for node in acceptance.path[1:]]
-        new_tokens.append(acceptance.bonus_token)
-        proposer, budget = self._proposer(sequence), self._budget(sequence)
-        if proposer is not None:
-            proposer.commit(sequence.draft_state, output.features[acceptance.path], new_tokens)
-            if budget is None or sequence.budget_step is not None:  # drafted a tree
-                self._launch(sequence)  # likely to draft again: start it now
-        self.target.commit(sequence.slot, acceptance.path)
-        sequence.record_step(num_drafted=tree.num_drafted, num_accepted=acceptance.num_accepted)
-        if self.metrics is not None:
-            self.metrics.observe_step(tree.num_drafted, acceptance.num_accepted,
-                                      sequence.draft_seconds)
-        sequence.root_token = acceptance.bonus_token
-        for node, token in zip(acceptance.path, new_tokens, strict=True):  # chosen at node
-            sequence.add_token(token, self.tokenizer, output.logits[node])
-            if sequence.is_finished:
-                break
-        if budget is not None:
-            budget.observe(sequence, tree, acceptance.num_accepted)
+            self.counters.draft_start_seconds += time.perf_counter() - started
 
     @staticmethod
     def _accept(sequence: Sequence, tree: DraftTree, output: TreeOutput) -> Acceptance:
+        """The path the target takes through the tree, and its bonus token."""
         params = sequence.params
 
         def processed_logits(node: int) -> np.ndarray:
@@ -344,6 +329,28 @@ class Engine:
         return accept_sampled(tree.tokens, tree.parents,
                               lambda node: target_probs(processed_logits(node), params),
                               sequence.rng)
+
+    def _commit(self, sequence: Sequence, tree: DraftTree, output: TreeOutput,
+                acceptance: Acceptance) -> None:
+        """Keep the accepted path on both sides, record the new tokens."""
+        new_tokens = [tree.tokens[node] for node in acceptance.path[1:]]
+        new_tokens.append(acceptance.bonus_token)
+        proposer, budget = self._proposer(sequence), self._budget(sequence)
+        if proposer is not None:
+            proposer.commit(sequence.draft_state, output.features[acceptance.path], new_tokens)
+            if budget.expects_tree(sequence):
+                self._launch(sequence)  # likely to draft again: start it now
+        self.target.commit(sequence.slot, acceptance.path)
+        sequence.record_step(num_drafted=tree.num_drafted, num_accepted=acceptance.num_accepted)
+        self.counters.add_step(tree.num_drafted, acceptance.num_accepted,
+                               sequence.draft_seconds)
+        sequence.root_token = acceptance.bonus_token
+        for node, token in zip(acceptance.path, new_tokens, strict=True):  # chosen at node
+            sequence.add_token(token, self.tokenizer, output.logits[node])
+            if sequence.is_finished:
+                break
+        if budget is not None:
+            budget.observe(sequence, tree, acceptance.num_accepted)
 
     def _guarded(self, work, sequence: Sequence, *args):
         """A failure in one sequence ends that sequence with an error, not the engine;
@@ -381,3 +388,5 @@ class Engine:
             else:
                 still_active.append(sequence)
         self._active = still_active
+        counters = self.counters
+        counters.kv_cells_used, counters.kv_cells_cached = self.target.kv_cells()

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from server.logprobs import TokenLogprob, token_logprob
-from server.stops import StopMatcher
+from server.engine.logprobs import TokenLogprob, token_logprob
+from server.engine.stops import StopMatcher
+from server.speculation.choice import Mode
 from verifier.sampling import SamplingParams
 from verifier.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -87,10 +88,9 @@ class Sequence:
     num_prompt_read: int = 0  # prompt tokens the target has evaluated
     prompt_features: list[np.ndarray] = field(default_factory=list)  # per chunk, for the draft
     draft_seconds: float = 0.0  # the last step's drafting time
-    launch_seconds: float = 0.0  # starting the next tree early (Proposer.launch), host time
-    pending_proposals: list = field(default_factory=list)  # for the adaptive budget's scoring
+    launch_seconds: float = 0.0  # starting the next tree early (DraftProposer.launch), host time
     budget_step: tuple | None = None  # the adaptive budget's note on this step's tree
-    mode: Any = None  # with a per-request choice: its proposer and budget (proposer_choice)
+    mode: Mode | None = None  # with a per-request choice: its proposer and budget
     admitted_at: float = 0.0  # time.monotonic() when it got a slot
 
     def __post_init__(self) -> None:

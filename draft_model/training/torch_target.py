@@ -184,7 +184,7 @@ class TorchTarget:
 
 
 class TorchFeatureSource:
-    """The same interface as verifier.features.LlamaFeatureSource, batched on any device."""
+    """The same interface as llama_features.LlamaFeatureSource, batched on any device."""
 
     def __init__(self, target: TorchTarget, batch_tokens: int = 65536) -> None:
         self.target = target

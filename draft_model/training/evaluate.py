@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from draft_model.proposer import Proposer
-from draft_model.tree import DraftTree
+from server.speculation.proposer import Proposer
+from server.speculation.tree import DraftTree
+from verifier.acceptance import accept_greedy
 
 
 @dataclass
@@ -58,15 +59,14 @@ class AcceptanceStats:
 
 
 def accepted_length(tree: DraftTree, continuation: np.ndarray) -> tuple[int, list[int]]:
-    """Greedy verification against known text: (accepted count, accepted node indices)."""
-    path, node = [], 0
-    for expected in continuation:
-        child = next((i for i in range(node + 1, len(tree.tokens))
-                      if tree.parents[i] == node and tree.tokens[i] == expected), None)
-        if child is None:
-            break
-        path.append(child)
-        node = child
+    """Greedy verification against known text, by the serving engine's own rule: the
+    target's choice after a node at depth d is continuation[d]. (accepted count, accepted
+    node indices)."""
+    def known_choice(node: int) -> int:
+        depth = tree.depths[node]
+        return int(continuation[depth]) if depth < len(continuation) else -1
+
+    path = accept_greedy(tree.tokens, tree.parents, known_choice).path[1:]
     return len(path), path
 
 

@@ -11,7 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from draft_model.ngram import Lookup
+
+@dataclass(frozen=True)
+class Lookup:
+    """A lookup's proposal: the tokens after the matched n-gram, and where they came from."""
+
+    tokens: list[int] = field(default_factory=list)
+    match_length: int = 0  # 0: nothing matched
+    shared: bool = False  # found in an earlier request's text, not this request's own
+
+    @property
+    def key(self) -> tuple[bool, int]:
+        """What the acceptance estimates are kept per."""
+        return self.shared, self.match_length
 
 
 @dataclass

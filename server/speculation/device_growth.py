@@ -1,8 +1,8 @@
 """EAGLE-2 tree growth kept on the draft's device: fixed shapes, one copy back per tree.
 
-`Proposer._grow` drives the levels from the host: per level it builds the attention mask in
-numpy, copies it over, and reads the top-k back to choose the next frontier — a round trip
-and a handful of small launches per level, which on a GPU cost more than the level's
+This is the one growth rule the draft proposer uses. Driving the levels from the host (a
+mask built per level, the top-k read back to choose the next frontier) would cost a round
+trip and a handful of small launches per level, which on a GPU cost more than the level's
 arithmetic. Here the catch-up on the pairs the target accepted last step and the whole
 growth stay on the device: each level's frontier (the best top_k of its k × k children by
 cumulative log-probability), the masks (an ancestor-slot row per frontier node), the cache
@@ -12,7 +12,7 @@ same shapes (k rows attending over the whole cache, masked), so on CUDA a sequen
 catch-up and growth are captured once as one CUDA graph: each tree is two copies in from
 pinned host memory, one replay and one copy of its candidates back into pinned memory,
 started without waiting (`start`) and collected when the tree is needed (`collect`). On a
-CPU the same code runs eagerly (tests use it).
+CPU the same code runs eagerly.
 
 Outputs, for levels 1…depth: the children's tokens and log-probs [depth, k, k] (level 1
 uses row 0: the root's children) and `chosen` [depth, k], each level's frontier as flat
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from draft_model.model import DraftModel, KVCache
-from draft_model.tree import TreeBuilder
+from server.speculation.tree import TreeBuilder
 
 log = logging.getLogger("dovetail.draft")
 
@@ -38,7 +38,7 @@ class DeviceGrowth:
                  max_pending: int, use_graph: bool) -> None:
         self.model, self.cache = model, cache
         self.top_k, self.depth = top_k, depth
-        self.max_pending = max_pending  # pairs one catch-up takes (more: see Proposer.launch)
+        self.max_pending = max_pending  # pairs one catch-up takes (more: see DraftProposer.launch)
         device = cache.keys.device
         hidden_size = model.config.hidden_size
         # The pending pairs' features; their tokens, then the first cache slot they go to
@@ -195,12 +195,8 @@ class DeviceGrowth:
             ancestors = ancestors[parent_rows]
 
     def _top_children(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return top_children(self.model, hidden, self.top_k)
-
-
-def top_children(model: DraftModel, hidden: torch.Tensor,
-                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [P, H] → target token ids and log-probs of the draft's top k, each [P, k]."""
-    log_probs = torch.log_softmax(model.head_logits(hidden).float(), dim=-1)
-    top = torch.topk(log_probs, k, dim=-1)
-    return model.head_token_ids[top.indices], top.values
+        """hidden [P, H] → target token ids and log-probs of the draft's top k, each
+        [P, k]."""
+        log_probs = torch.log_softmax(self.model.head_logits(hidden).float(), dim=-1)
+        top = torch.topk(log_probs, self.top_k, dim=-1)
+        return self.model.head_token_ids[top.indices], top.values

@@ -1,9 +1,9 @@
 """Per request: the draft model, or prompt lookup alone.
 
 A request served by the draft pays for it before its first drafted token: every prompt token
-is read with features (llama.cpp then runs the LM head for each; 10–13% of a prompt decode
-on 2 cores), and the draft takes the prompt in. Its steps then choose between the draft's
-tree, the lookup chain and plain decoding (server/budget.py). Where the draft's trees seldom
+is read with features (llama.cpp then runs the LM head for each), and the draft takes the
+prompt in. Its steps then choose between the draft's tree, the lookup chain and plain
+decoding (server/speculation/budget.py). Where the draft's trees seldom
 beat the lookup chain — a target whose batched decodes cost nearly linearly, a small model
 whose draft is no better than lookup, a slow draft device — a request served by lookup
 alone (no features, no draft) is faster.
@@ -20,9 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from draft_model.hybrid import HybridProposer
-from draft_model.ngram import NgramProposer
-from server.budget import LookupBudget, TreeBudget
+from server.speculation.proposer import Budget, Proposer
 
 FAR = 1.5  # a mode this much slower than the other is retried 4 times less often
 
@@ -30,9 +28,8 @@ FAR = 1.5  # a mode this much slower than the other is retried 4 times less ofte
 @dataclass
 class Mode:
     name: str
-    proposer: HybridProposer | NgramProposer
-    budget: TreeBudget | LookupBudget
-    features: bool  # its requests' prompts are read with features
+    proposer: Proposer  # its requests' prompts are read with features if this uses them
+    budget: Budget
     seconds_per_token: float | None = None  # moving average over its finished requests
     requests: int = 0
 

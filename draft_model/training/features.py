@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from draft_model.sequences import SequenceSet
+from draft_model.training.sequences import SequenceSet
 
 
 @dataclass

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from draft_model.features import FeatureShard
 from draft_model.model import DraftModel
-from draft_model.sequences import SequenceSet, padded_batches
-from draft_model.train import Batch, TrainConfig, draft_loss, make_optimizer
+from draft_model.training.features import FeatureShard
+from draft_model.training.sequences import SequenceSet, padded_batches
+from draft_model.training.train import Batch, TrainConfig, draft_loss, make_optimizer
 
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"

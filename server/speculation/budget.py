@@ -9,7 +9,8 @@ running (exponential moving average) probability that drafted position j is acce
 that position j − 1 was. k = 0 is plain decoding: rate(0) = 1 / T_V(1).
 
 For prompt lookup the estimates are kept per length of the matched n-gram and learnt from
-every lookup, verified or not (draft_model/lookup_estimates.py).
+every lookup, verified or not, by the lookup proposer (server/speculation/ngram.py,
+lookup_estimates.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from draft_model.hybrid import HybridProposer
-from draft_model.lookup_estimates import AcceptanceEstimate, LookupEstimates
-from draft_model.ngram import Lookup, NgramProposer
-from draft_model.tree import DraftTree
+from server.speculation.hybrid import HybridProposer
+from server.speculation.lookup_estimates import AcceptanceEstimate, Lookup, LookupEstimates
+from server.speculation.ngram import NgramProposer
+from server.speculation.tree import DraftTree
 from verifier.costs import LiveCosts, VerifyCosts
 
 Costs = VerifyCosts | LiveCosts
@@ -56,25 +57,29 @@ def lookup_length(costs: Costs, estimates: LookupEstimates, lookup: Lookup,
 
 
 class LookupBudget:
-    """Budget for prompt lookup, one estimate per kind of match (its n-gram length, and
-    whether it was found in the request's own context or in earlier requests' texts)."""
+    """Budget for prompt lookup: as many of the lookup's tokens as its estimate for that
+    kind of match (n-gram length; the request's own context or earlier requests' texts)
+    says pay."""
+
+    growth_levels = None
 
     def __init__(self, costs: Costs, max_drafted: int) -> None:
         self.costs = costs
         self.max_drafted = max_drafted
-        self.estimates = LookupEstimates(max_drafted)
 
     def propose(self, proposer: NgramProposer, sequence) -> DraftTree:
-        """Look up a continuation, keep it to score later, verify as much as pays."""
         lookup = proposer.lookup(sequence.draft_state, self.max_drafted)
-        self.estimates.remember(sequence.pending_proposals, len(sequence.output_tokens), lookup)
-        return DraftTree.chain([sequence.root_token, *lookup.tokens[:self.choose(lookup)]])
+        drafted = lookup_length(self.costs, proposer.estimates, lookup, self.max_drafted)
+        return DraftTree.chain([sequence.root_token, *lookup.tokens[:drafted]])
 
-    def choose(self, lookup: Lookup) -> int:
-        return lookup_length(self.costs, self.estimates, lookup, self.max_drafted)
+    def expects_tree(self, sequence) -> bool:
+        return False  # a lookup is done when the step needs it
 
     def observe(self, sequence, tree: DraftTree, num_accepted: int) -> None:
-        self.estimates.score(sequence.pending_proposals, sequence.output_tokens)
+        pass  # the lookup proposer scores its lookups itself
+
+    def observe_decode(self, num_tokens: int, seconds: float) -> None:
+        self.costs.observe(num_tokens, seconds)
 
 
 class TreeBudget:
@@ -90,7 +95,7 @@ class TreeBudget:
     probe_share of the time — so the budget notices when they start to pay again.
 
     The draft grows only one level deeper than the deepest of the last DEPTH_WINDOW cut
-    trees (proposer.growth_depth): where verification is dear the cut keeps a few shallow
+    trees (growth_levels): where verification is dear the cut keeps a few shallow
     nodes, and the levels below them would only be time the step waits for. The one level
     more lets the depth come back when deeper nodes start to make the cut.
     """
@@ -110,6 +115,17 @@ class TreeBudget:
         self.cut_depths: deque[int] = deque(maxlen=DEPTH_WINDOW)
 
     @property
+    def growth_levels(self) -> int | None:
+        return max(self.cut_depths) + 1 if self.cut_depths else None
+
+    def expects_tree(self, sequence) -> bool:
+        """After a step that drafted a tree, the next one likely drafts one too."""
+        return sequence.budget_step is not None
+
+    def observe_decode(self, num_tokens: int, seconds: float) -> None:
+        self.costs.observe(num_tokens, seconds)
+
+    @property
     def calibration(self) -> float:
         """Accepted drafted tokens per token the path probabilities predicted."""
         return self.accepted / self.predicted
@@ -118,10 +134,10 @@ class TreeBudget:
         state, root = sequence.draft_state, sequence.root_token
         lookup = proposer.lookup_chain(state)
         drafted = lookup_length(self.costs, proposer.estimates, lookup, min_gain=self.min_gain)
-        pays = self._tree_pays(proposer, lookup, drafted)
+        pays = self._tree_pays(proposer.estimates, lookup, drafted)
         if pays or self._probe_due():
             started = self.clock()
-            tree = proposer.propose(state, root, lookup)
+            tree = proposer.propose(state, root, lookup, levels=self.growth_levels)
             seconds = sequence.launch_seconds + self.clock() - started  # started early too
             self.draft_seconds = self._average(self.draft_seconds, seconds)
             self.since_probe = 0.0
@@ -130,7 +146,6 @@ class TreeBudget:
             tree, predicted = self._cut(tree, min_size=1 if pays else 2)
             sequence.budget_step = (len(tree.tokens), predicted, seconds)
             self.cut_depths.append(max(tree.depths))
-            proposer.growth_depth = max(self.cut_depths) + 1
             return tree
         self.since_probe += self.costs.of(drafted + 1)
         return DraftTree.chain([root, *lookup.tokens[:drafted]])
@@ -138,7 +153,7 @@ class TreeBudget:
     def observe(self, sequence, tree: DraftTree, num_accepted: int) -> None:
         step, sequence.budget_step = sequence.budget_step, None
         if step is None:
-            return  # a lookup chain or plain step: lookup scoring happens in the proposer
+            return  # a lookup chain or plain step
         size, predicted, seconds = step
         if predicted > 0:
             self.predicted = self._average(self.predicted, predicted)
@@ -146,13 +161,13 @@ class TreeBudget:
         rate = (num_accepted + 1) / (self.costs.of(size) + seconds)
         self.tree_rate = self._average(self.tree_rate, rate)
 
-    def _tree_pays(self, proposer: HybridProposer, lookup: Lookup, drafted: int) -> bool:
+    def _tree_pays(self, estimates: LookupEstimates, lookup: Lookup, drafted: int) -> bool:
         if self.tree_rate is None:
             return True  # nothing measured yet
         plain_rate = 1.0 / self.costs.of(1)
         chain_rate = plain_rate
         if drafted:
-            estimate = proposer.estimates.of(lookup)
+            estimate = estimates.of(lookup)
             chain_rate = estimate.expected_tokens(drafted) / self.costs.of(drafted + 1)
         return self.tree_rate >= max(chain_rate, self.min_gain * plain_rate)
 

@@ -1,6 +1,6 @@
 """Prompt lookup across requests: the texts of finished requests, indexed by their n-grams.
 
-A request's own context (draft_model/ngram.py) knows only what it has seen. Requests to one
+A request's own context (server/speculation/ngram.py) knows only what it has seen. Requests to one
 server are often alike — the same kind of code, the same boilerplate, one document asked
 about again — so the tokens that followed a matching n-gram in an earlier request's prompt
 or answer are a second proposal, as llama.cpp's `ngram-mod` keeps one hash pool for all its
