@@ -1,4 +1,4 @@
-"""Train a DGF draft for a target (method.md, "Training recipe"); resumable and seeded.
+"""Train a DGF draft for a target (docs/training.md); resumable and seeded.
 
 Data (one of):
   --features DIR   feature shards from collect_features.py (train-NNNNN.npz)

@@ -49,9 +49,8 @@ class LocalServer:
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         base_url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + ready_timeout
-        # One client for the polling: a new httpx client per poll costs ~60 ms of CPU (its
-        # CA certificates), which on 2 cores disturbed the server's start-up measurement of
-        # its verification costs.
+        # One client for the polling: a new httpx client per poll loads its CA certificates,
+        # CPU time that would disturb the server's start-up measurement of its costs.
         with httpx.Client(timeout=1) as client:
             while time.monotonic() < deadline:
                 if process.poll() is not None:

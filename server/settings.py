@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     extra_buffers: Literal["auto", "on", "off"] = Field(
         "auto", description="llama.cpp's extra weight buffer types (AMX tiles, repacked "
         "layouts); auto: off where the llama.cpp build uses AMX, whose matrix kernel "
-        "crashed the first decode on a Sapphire Rapids VM (llama.cpp issue 20824).")
+        "can crash the first decode (llama.cpp issue 20824).")
     flash_attn: bool = Field(
         False, description="llama.cpp flash attention (off: greedy text equals llama-cpp-python's)."
     )

@@ -86,7 +86,7 @@ def test_tree_argmax_equals_sequential_decoding(model, f16_target, q4_target):
             assert int(np.argmax(tree.logits[node])) == int(np.argmax(expected)), node
             np.testing.assert_allclose(tree.logits[node], expected, atol=0.1)
         else:
-            # Q4_1: batched and one-token kernels round differently (docs/llama-cpp.md);
+            # Q4_1: batched and one-token kernels round differently (docs/how-it-works.md);
             # the argmax must agree wherever the top two are not a near-tie.
             top2 = np.sort(expected)[-2:]
             if top2[1] - top2[0] > 1.0:

@@ -33,7 +33,7 @@ def test_the_packaged_truncated_sharegpt_file_is_read_to_its_last_complete_recor
     with pytest.raises(json.JSONDecodeError):
         json.loads(path.read_text())  # really cut off
     records = list(iter_records(path))
-    assert len(records) == 17671  # models-and-data.md
+    assert len(records) == 17671  # the whole records before the cut
     assert all("conversations" in record for record in records)
     held_out = sum(1 for _ in iter_conversations(path, "heldout"))
     train = sum(1 for _ in iter_conversations(path, "train"))

@@ -19,8 +19,6 @@ from verifier.weight_buffers import use_extra_buffers
 
 DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
 CACHE_VERSION = 3  # bump when the measurement changes: older entries are measured again
-# (3: the scripts polled a starting server with a new HTTP client every 0.2 s, ~60 ms of CPU
-# each, during its measurement — entries made then may be disturbed)
 
 
 @dataclass(frozen=True)
@@ -112,8 +110,7 @@ def measure_verify_costs(target: Target, sizes=DEFAULT_SIZES, context: int = 200
 
     The sizes are timed in rounds, each size once per round in a shuffled order (after a
     warm-up round), so a burst of other work on the machine lands on every size alike
-    instead of inflating one — on 2 cores one such burst made 2 tokens look like 2.0× one
-    token instead of 1.7×, and the budget then almost never drafted. At most `repeats`
+    instead of inflating one (and making the budget shy of drafting). At most `repeats`
     rounds; after 3, stop once `max_seconds` have passed (a 7B target on few cores).
     Needs one free slot; leaves the target as it was. `progress`: a progress bar's label.
 

@@ -2,7 +2,7 @@
 LLaMA-shaped model with meaningless weights for timing.
 
 Quantized targets round differently in batched and one-token evaluation (see
-docs/llama-cpp.md), so exactness tests compare against an F16 copy, for which both agree.
+docs/how-it-works.md), so exactness tests compare against an F16 copy, for which both agree.
 """
 
 from __future__ import annotations

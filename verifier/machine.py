@@ -20,9 +20,8 @@ def run_on_fresh_thread(work: Callable[..., T], *args) -> T:
     keeps a pool of worker threads for every thread that ever started a parallel region. A
     pool left idle on a thread that lives on (the server's loading worker, say) makes libgomp
     count more threads than cores, and it then lets every barrier of the engine thread's
-    decodes sleep instead of spin: on 2 cores one token took 21 ms instead of 7.7 ms after a
-    cost measurement there, 9.6 ms instead of 5.9 after one PyTorch copy there, for the
-    life of the process. A thread that ends takes its pool with it.
+    decodes sleep instead of spin, slowing every decode for the life of the process (see
+    docs/results.md). A thread that ends takes its pool with it.
     """
     outcome: list = []
 
@@ -71,8 +70,7 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
 
 
 def vector_extension(flags: set[str]) -> str | None:
-    """The widest x86 vector extension: llama.cpp's kernels and so T_V(k) differ by it
-    (2 cores: one Q4_1 token 6.4 ms with AVX-512, 15-17 ms with AVX2 only)."""
+    """The widest x86 vector extension: llama.cpp's kernels and so T_V(k) differ by it."""
     return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
 
 

@@ -2,10 +2,10 @@
 
 llama.cpp moves weights into an "extra" buffer type where the CPU has kernels for one: AMX
 tiles (Intel Sapphire Rapids and later) or repacked layouts (Q4_0 and others on AVX2/NEON).
-Its AMX matrix kernel crashed the first decode of the default model on a 2-core Sapphire
-Rapids VM (segfault in `ggml_backend_amx_mul_mat`, in llama-cpp-python's own `Llama` too;
-llama.cpp issue 20824: machine-dependent, closed without a fix). So where the build uses
-AMX the extra buffer types are off unless asked for (`--extra-buffers on`).
+Its AMX matrix kernel can crash the first decode (a segfault in `ggml_backend_amx_mul_mat`,
+in llama-cpp-python's own `Llama` too; llama.cpp issue 20824, machine-dependent, closed
+without a fix; seen here: docs/results.md). So where the build uses AMX the extra buffer
+types are off unless asked for (`--extra-buffers on`).
 """
 
 from __future__ import annotations

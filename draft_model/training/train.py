@@ -1,4 +1,4 @@
-"""The draft's training objective and optimiser (method.md, "Training recipe").
+"""The draft's training objective and optimiser (docs/training.md).
 
 Pair t = (f_t, x_{t+1}) → draft output f̂_{t+1}. Loss per pair, where the *target* side is
 the real next feature f_{t+1}:

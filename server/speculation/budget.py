@@ -36,7 +36,8 @@ def best_length(costs: Costs, acceptance: AcceptanceEstimate, max_drafted: int,
                 min_gain: float = MIN_GAIN) -> int:
     """The k in 0..max_drafted that maximises expected tokens per second — but k = 0 unless
     the best k is expected to beat plain decoding by min_gain: the estimates are noisy, and
-    with a quantized target every verified draft may also move a near-tie (see README)."""
+    with a quantized target every verified draft may also move a near-tie
+    (docs/how-it-works.md)."""
     plain_rate = 1.0 / costs.of(1)
     best, best_rate = 0, plain_rate
     for k in range(1, max_drafted + 1):

@@ -5,14 +5,12 @@ no features — and strong on code, which repeats identifiers and whole lines.
 The longest suffix (max_ngram tokens down to min_ngram) with an earlier occurrence wins;
 among its occurrences the most recent one. The proposal is a chain.
 
-Up to 5-grams by default: the longer the match, the more reliable its continuation (in a
-count over SmolLM2-135M's answers to 40 HumanEval problems, a 5-token match continued
-correctly at its first token over 90% of the time, a 1-token match 10–45%), and the budget
-learns a separate acceptance estimate per match length.
+Up to 5-grams by default: the longer the match, the more reliable its continuation (counts
+in docs/results.md), and the budget learns a separate acceptance estimate per match length.
 
-With a shared pool (server/speculation/shared_ngrams.py) the texts of earlier requests are searched
-too; the longer match wins (this request's own on a tie), and its estimates are kept apart
-from the own context's.
+With a shared pool (shared_ngrams.py) the texts of earlier requests are searched too; the
+longer match wins (this request's own on a tie), and its estimates are kept apart from the
+own context's.
 """
 
 from __future__ import annotations
