@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's GPU-machine results in one run: the CUDA tests, HumanEval throughput for the
+# The GPU-machine results (docs/results.md) in one run: the CUDA tests, HumanEval throughput for the
 # F16 copy and the Q4_1 default (there `dovetail serve`'s default, --draft auto, drafts with
 # the shipped draft on the GPU), and the cost profiles (the target's T_V(k), the draft's
 # time per tree level on the GPU, and the operations that take a tree's time).

@@ -255,7 +255,7 @@ def draft_server(tmp_path_factory, default_model):
     step (without --no-adaptive-budget the budget would soon stop drafting: it cannot pay),
     and without prompt lookup, whose acceptance estimates learn across requests: the same
     request would then get other trees, and this Q4_1 target may break a near-tie otherwise
-    (README, Exactness) — the stream is compared with the non-streamed text below."""
+    (docs/how-it-works.md, Exactness) — the stream is compared with the non-streamed text below."""
     import torch
 
     from draft_model.checkpoint import save_checkpoint

@@ -1,4 +1,4 @@
-"""The error table of docs/openai-api.md against a live server: status, shape, param."""
+"""The error table of docs/api.md against a live server: status, shape, param."""
 
 from __future__ import annotations
 

@@ -71,9 +71,8 @@ def test_profile_script_times_the_draft_and_traces_a_tree(tmp_path, capsys, defa
     finally:
         sys.argv = argv
     draft = json.loads(out.with_suffix(".json").read_text())["draft"]
-    assert draft["level_seconds"] > 0 and min(draft["tree_seconds"].values()) > 0
+    assert draft["level_seconds"] > 0 and draft["tree_seconds"]["device"] > 0
     printed = capsys.readouterr().out
-    for title in ("one tree, host-driven levels:", "one tree, grown on the device:"):
-        assert title in printed
+    assert "one tree, grown on the device:" in printed
     assert "aten::" in printed  # operations by time
 

@@ -88,8 +88,8 @@ def test_with_a_draft_each_request_may_go_to_lookup_alone():
         try:
             if chosen:
                 draft, lookup = engine.choice.modes
-                assert (draft.name, draft.features, lookup.name, lookup.features) == \
-                    ("draft", True, "lookup", False)
+                assert (draft.name, draft.proposer.uses_features, lookup.name,
+                        lookup.proposer.uses_features) == ("draft", True, "lookup", False)
                 assert draft.proposer is engine.proposer and draft.budget is engine.budget
                 assert lookup.proposer is engine.proposer.lookup  # one lookup pool for both
                 assert lookup.budget.costs is engine.budget.costs  # one measured T_V
