@@ -97,7 +97,9 @@ class DeviceGrowth:
             self.done.record()
             self.outputs = self.host
             return
-        self._run(levels)  # eagerly, on the device
+        # eagerly, on the device: attending only to the slots in use (a graph's shapes are
+        # fixed, so it attends over the whole cache, masked)
+        self._run(levels, width=start + self.max_pending + (levels - 1) * self.top_k)
         self.outputs = (self.child_tokens.cpu(), self.child_log_probs.cpu(),
                         self.chosen.cpu())
 
@@ -151,11 +153,11 @@ class DeviceGrowth:
         self.graphs[levels] = graph
 
     @torch.inference_mode()
-    def _run(self, levels: int) -> None:
+    def _run(self, levels: int, width: int | None = None) -> None:
         """The catch-up and `levels` levels of growth in tensor operations of fixed shapes
-        (capturable)."""
+        (capturable). width: the cache slots attended over (default: all of them)."""
         model, k = self.model, self.top_k
-        capacity = self.cache.capacity
+        capacity = self.cache.capacity if width is None else min(width, self.cache.capacity)
         device = self.features.device
         start, count = self.ints[-2], self.ints[-1]
         # The catch-up: row i is pair start + i, at that cache slot and position, and sees
