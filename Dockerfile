@@ -9,10 +9,11 @@ RUN apt-get update \
 WORKDIR /opt/dovetail
 COPY . .
 
-# README "Plain steps": python -m venv .venv && pip install -e ".[dev]"
-# llama-cpp-python compiles llama.cpp for the CPU here (several minutes).
+# README "Plain steps": python -m venv .venv, then pip install with CMAKE_ARGS.
+# llama-cpp-python compiles llama.cpp for the CPU here (several minutes), without its
+# llamafile kernels: batched and one-token logits are then identical (docs/how-it-works.md).
 RUN python3 -m venv .venv \
- && .venv/bin/pip install -e ".[dev]"
+ && CMAKE_ARGS="-DGGML_LLAMAFILE=OFF" .venv/bin/pip install --no-cache-dir -e ".[dev]"
 
 ENV PATH=/opt/dovetail/.venv/bin:$PATH
 EXPOSE 8000

@@ -2,12 +2,20 @@
 VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
+# llama.cpp built without its llamafile matrix kernels: batched, chunked and one-token
+# evaluation then give bit-identical logits, and speculative output equals the target's own
+# (docs/how-it-works.md, "Exactness"). DOVETAIL_KERNELS=fast keeps them: faster F16 prompts,
+# output equal only up to rounding. --no-cache-dir: a wheel built before with other flags
+# is not reused.
+ifneq ($(DOVETAIL_KERNELS),fast)
+export CMAKE_ARGS := $(CMAKE_ARGS) -DGGML_LLAMAFILE=OFF
+endif
 
 .PHONY: setup serve test lint
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -e ".[dev]"
+	$(VENV)/bin/pip install --no-cache-dir -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)

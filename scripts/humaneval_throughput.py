@@ -9,6 +9,11 @@ target file and thread count, in one process tree:
   llama-cpp        llama-cpp-python's create_chat_completion (greedy), in this process
   llama-cpp-lookup the same with LlamaPromptLookupDecoding (prompt-lookup speculation)
 
+  llama-cpp-stock  with --stock-llama DIR: llama-cpp (no lookup) from a llama-cpp-python
+                   installed in DIR (`pip install --target DIR`), in a worker process —
+                   e.g. the stock build, with llama.cpp's llamafile kernels, beside the
+                   project's exact build (README, "Identical output")
+
 and any number of --variant NAME="FLAGS" systems: `dovetail serve FLAGS`, interleaved with
 the rest (an A/B of a setting in one run, e.g. --variant own-lookup="--no-lookup-shared").
 
@@ -16,8 +21,10 @@ Tokens/s counts the output re-tokenized by the target's tokenizer over the reque
 time (arrival to last token), so every system is measured the same way. Reported per
 system: tokens/s (median, quartiles, and total tokens / total time), time to first token,
 and for the servers τ, acceptance, accepted per draft position and draft/verify seconds
-(from /metrics). Speedups are against llama-cpp. --check runs HumanEval's tests on the
-outputs (code from the reply's first ```python block, in a subprocess) for pass@1.
+(from /metrics). Speedups and "same text" are against llama-cpp (the same llama.cpp build as
+the server's); with --stock-llama, speedups against the other build too. --check runs
+HumanEval's tests on the outputs (code from the reply's first ```python block, in a
+subprocess) for pass@1.
 
   python scripts/humaneval_throughput.py --count 40 --out docs/humaneval_throughput
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -41,6 +49,7 @@ from draft_model.training.humaneval import humaneval_messages, humaneval_problem
 from server.local_server import LocalServer
 from verifier.default_model import default_model_path
 from verifier.gguf_convert import write_f16_copy
+from verifier.kernels import kernels
 from verifier.machine import describe_cpu, physical_cores
 from verifier.weight_buffers import SETTINGS, llama_weight_buffers, use_extra_buffers
 
@@ -71,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(verifier/weight_buffers.py; auto: off where the build uses AMX)")
     parser.add_argument("--lookup-tokens", type=int, default=10,
                         help="LlamaPromptLookupDecoding num_pred_tokens (its default: 10)")
+    parser.add_argument("--stock-llama", type=Path, default=None, metavar="DIR",
+                        help="also run llama-cpp from the llama-cpp-python installed in DIR")
     parser.add_argument("--check", action="store_true", help="run the tests: pass@1")
     parser.add_argument("--out", type=Path, default=Path("humaneval_throughput"),
                         help="output path without suffix: .json, .md and .png files")
@@ -181,6 +192,52 @@ class LlamaSystem:
         self.llm.close()
 
 
+class WorkerLlamaSystem:
+    """LlamaSystem in a subprocess whose llama_cpp comes from another folder (another build
+    of the library cannot be loaded beside this one in one process)."""
+
+    def __init__(self, name: str, model: Path, threads: int, extra_buffers: str,
+                 library: Path) -> None:
+        self.name = name
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(library), str(Path(__file__).resolve().parents[1])])}
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--llama-worker", str(model), str(threads),
+             extra_buffers], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.kernels = self._call({"kernels": True})["kernels"]
+
+    def _call(self, request: dict) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        for line in self.process.stdout:
+            if line.startswith(WORKER_PREFIX):
+                return json.loads(line.removeprefix(WORKER_PREFIX))
+        raise RuntimeError(f"the {self.name} worker ended")
+
+    def run(self, messages: list[dict], max_tokens: int) -> dict:
+        return self._call({"messages": messages, "max_tokens": max_tokens})
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+WORKER_PREFIX = "WORKER "
+
+
+def llama_worker(model: str, threads: str, extra_buffers: str) -> None:
+    """Serve WorkerLlamaSystem's requests on stdin/stdout."""
+    from verifier.kernels import kernels
+
+    system = LlamaSystem("llama-cpp", Path(model), int(threads), extra_buffers, 0)
+    for line in sys.stdin:
+        request = json.loads(line)
+        result = ({"kernels": kernels()} if request.get("kernels")
+                  else system.run(request["messages"], request["max_tokens"]))
+        print(WORKER_PREFIX + json.dumps(result), flush=True)
+    system.close()
+
+
 def scrape(client: httpx.Client) -> dict[str, float]:
     values = {}
     for line in client.get("/metrics").text.splitlines():
@@ -206,7 +263,8 @@ def passes(problem: dict, reply: str, timeout: float = 10.0) -> bool:
     return result.returncode == 0
 
 
-def summarise(name: str, rows: list[dict], baseline: list[dict] | None) -> dict:
+def summarise(name: str, rows: list[dict], baseline: list[dict] | None,
+              stock: list[dict] | None = None) -> dict:
     rates = [row["tokens"] / row["seconds"] for row in rows]
     quartiles = statistics.quantiles(rates, n=4) if len(rates) > 1 else [rates[0]] * 3
     summary = {"system": name, "median_tok_s": statistics.median(rates),
@@ -222,6 +280,9 @@ def summarise(name: str, rows: list[dict], baseline: list[dict] | None) -> dict:
             for row, ref in zip(rows, baseline, strict=True))
         summary["same_text_as_llama_cpp"] = sum(row["text"] == ref["text"]
                                                 for row, ref in zip(rows, baseline, strict=True))
+    if stock is not None:
+        stock_total = sum(r["tokens"] for r in stock) / sum(r["seconds"] for r in stock)
+        summary["speedup_total_stock"] = summary["total_tok_s"] / stock_total
     if rows[0].get("tau") is not None:
         drafted = sum(r["drafted"] for r in rows)
         drafts = sum(r["drafts"] for r in rows)
@@ -257,15 +318,20 @@ def write_report(report: dict, out: Path) -> None:
              f"{report['model']}; {report['machine']}"
              + ("" if report.get("extra_buffers", True) else
                 "; weights in plain buffers (no AMX/repacking) for every system"), "",
-             "| system | tok/s median (q1–q3) | total tok/s | vs llama-cpp | TTFT s | τ "
-             "| acceptance | same text | pass@1 |", "|---|---|---|---|---|---|---|---|---|"]
+             + (f"; llama.cpp kernels: {report['kernels']}" if "kernels" in report else "")
+             + (f" (llama-cpp-stock: {report['stock_kernels']})"
+                if "stock_kernels" in report else ""), "",
+             "| system | tok/s median (q1–q3) | total tok/s | vs llama-cpp | vs llama-cpp-stock "
+             "| TTFT s | τ | acceptance | same text | pass@1 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         def fmt(key, pattern, s=s):
             return pattern.format(s[key]) if s.get(key) is not None else "–"
         lines.append(
             f"| {s['system']} | {s['median_tok_s']:.1f} ({s['q1_tok_s']:.1f}–"
             f"{s['q3_tok_s']:.1f}) | {s['total_tok_s']:.1f} | {fmt('speedup_total', '{:.2f}x')} "
-            f"| {s['median_ttft_s']:.3f} | {fmt('tau', '{:.2f}')} "
+            f"| {fmt('speedup_total_stock', '{:.2f}x')} | {s['median_ttft_s']:.3f} "
+            f"| {fmt('tau', '{:.2f}')} "
             f"| {fmt('acceptance_rate', '{:.2f}')} | {fmt('same_text_as_llama_cpp', '{}')} "
             f"| {fmt('pass_at_1', '{:.2f}')} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -303,6 +369,10 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--llama-worker"]:
+        llama_worker(*argv[1:])
+        return
     args = parse_args(argv)
     model = args.model or default_model_path()
     if not args.f16:
@@ -325,6 +395,9 @@ def run(args: argparse.Namespace, model: Path) -> None:
             else:
                 systems.append(LlamaSystem(name, model, threads, args.extra_buffers,
                                            args.lookup_tokens))
+        if args.stock_llama is not None:
+            systems.append(WorkerLlamaSystem("llama-cpp-stock", model, threads,
+                                             args.extra_buffers, args.stock_llama))
         for name, flags in args.variant:
             systems.append(ServerSystem(name, model, threads, args.extra_buffers, flags))
         tokenizer = _tokenizer(model)
@@ -343,11 +416,14 @@ def run(args: argparse.Namespace, model: Path) -> None:
             system.close()
     baseline = rows.get("llama-cpp")
     report = {"machine": describe_cpu(), "model": model.name, "threads": threads,
+              "kernels": kernels(),
+              **{f"{system.name.removeprefix('llama-cpp-')}_kernels": system.kernels
+                 for system in systems if isinstance(system, WorkerLlamaSystem)},
               "extra_buffers": use_extra_buffers(args.extra_buffers),
               "count": args.count, "offset": args.offset, "max_tokens": args.max_tokens,
               "serve_args": args.serve_args, "lookup_tokens": args.lookup_tokens,
               "variants": {name: " ".join(flags) for name, flags in args.variant},
-              "summary": [summarise(name, system_rows, baseline)
+              "summary": [summarise(name, system_rows, baseline, rows.get("llama-cpp-stock"))
                           for name, system_rows in rows.items()],
               "rows": rows}
     write_report(report, args.out)

@@ -27,7 +27,8 @@ import numpy as np
 from verifier.costs import VerifyCosts, measure_verify_costs
 from verifier.default_model import default_model_path
 from verifier.gguf_convert import LLAMA2_7B, write_random_llama
-from verifier.machine import describe_cpu, physical_cores
+from verifier.kernels import kernels
+from verifier.machine import describe_cpu, physical_cores, run_on_fresh_thread
 from verifier.target import Target, TargetConfig
 
 PAPER_POINT = (16, 5.9)  # verified tokens, τ of the paper's 7B draft
@@ -62,6 +63,30 @@ def verify_profile(model: Path, sizes: list[int], threads: int, context: int,
     try:
         return measure_verify_costs(target, sizes, context, repeats, max_seconds=None,
                                     progress=f"T_V(k) {model.name}")
+    finally:
+        target.close()
+
+
+def prefill_seconds(model: Path, threads: int, context: int, repeats: int) -> float:
+    """Median time to read a `context`-token prompt in one decode (after a warm-up)."""
+    target = Target(TargetConfig(model_path=model, num_slots=1, ctx_size=context + 64,
+                                 max_tree_nodes=1, max_tree_branches=1, batch_size=context,
+                                 num_threads=threads, features=False))
+
+    def measure() -> float:
+        prompt = np.random.default_rng(1).integers(100, target.vocab_size - 100,
+                                                   size=context).tolist()
+        times = []
+        for _ in range(repeats + 1):
+            slot = target.acquire_slot()
+            started = time.perf_counter()
+            target.prefill(slot, prompt)
+            times.append(time.perf_counter() - started)
+            target.release_slot(slot)
+        return float(np.median(times[1:]))
+
+    try:
+        return run_on_fresh_thread(measure)
     finally:
         target.close()
 
@@ -159,10 +184,12 @@ def main(argv=None) -> None:
     threads = args.threads or physical_cores()
     model = args.model or default_model_path()
     report = {"machine": describe_cpu(), "threads": threads, "context": args.context,
-              "profiles": {}}
+              "kernels": kernels(), "profiles": {}, "prefill_seconds": {}}
     sizes = list(range(1, args.max_k + 1))
     report["profiles"][model.name] = verify_profile(model, sizes, threads, args.context,
                                                     args.repeats).as_json()
+    report["prefill_seconds"][model.name] = prefill_seconds(model, threads, args.context,
+                                                            args.repeats)
     level = 0.0
     if args.draft:
         net = load_draft(args.draft, model, args.draft_device)
@@ -191,7 +218,11 @@ def write_report(report: dict, big: VerifyCosts | None, level: float,
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"T_V(k), {report['context']}-token context, {report['threads']} threads, "
-             f"median ms (ratio to k=1); {report['machine']}", ""]
+             f"median ms (ratio to k=1); {report['machine']}; llama.cpp kernels: "
+             f"{report['kernels']}", ""]
+    for name, seconds in report["prefill_seconds"].items():
+        lines += [f"Prompt of {report['context']} tokens in one decode, {name}: "
+                  f"{seconds * 1000:.1f} ms", ""]
     for name, profile in report["profiles"].items():
         costs = VerifyCosts.from_json(profile)
         shown = [k for k in (1, 2, 4, 8, 16, 32) if k in costs.seconds]

@@ -37,6 +37,7 @@ from server.prompts import (
 from server.responses import SSE_DONE, ResponseFormat, sse
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.settings import Settings
+from verifier.kernels import exactness
 from verifier.machine import run_on_fresh_thread
 
 log = logging.getLogger("dovetail.server")
@@ -104,7 +105,8 @@ def create_app(settings: Settings,
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ok", "active_requests": engine.num_active,
                              "waiting_requests": engine.num_waiting,
-                             "free_slots": engine.target.num_free_slots})
+                             "free_slots": engine.target.num_free_slots,
+                             **exactness(engine.target.chains_only)})
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": int(time.time()),

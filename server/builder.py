@@ -19,6 +19,7 @@ from server.speculation.ngram import NgramProposer
 from server.speculation.shared_ngrams import SharedNgrams
 from verifier.costs import LiveCosts, cached_verify_costs
 from verifier.default_model import default_model_path
+from verifier.kernels import EXACT, exactness
 from verifier.target import Target, TargetConfig
 
 log = logging.getLogger("dovetail.server")
@@ -65,15 +66,30 @@ def live_costs(target: Target, proposal: str) -> LiveCosts:
     return LiveCosts(profile)
 
 
+def log_exactness(exactness: dict) -> None:
+    if exactness["identical_to_plain"]:
+        log.info("output identical to plain decoding: exact kernels, %s verified",
+                 exactness["verifies"])
+    elif exactness["kernels"] != EXACT:
+        log.warning("llama.cpp was built with its llamafile kernels, which round a batch "
+                    "of tokens differently from one token: output equals plain decoding "
+                    "only up to rounding (reinstall with `make setup`, README)")
+    else:
+        log.info("output equal to plain decoding up to rounding: whole trees verified in "
+                 "one shared cache (--no-exact)")
+
+
 def build_engine(settings: Settings) -> Engine:
     source = draft_source(settings)
+    log_exactness(exactness(chains_only=source in (None, NGRAM) or settings.exact))
     tree_tokens = 1 if source is None else settings.draft_tokens
     target = Target(TargetConfig(
         model_path=settings.model_path,
         num_slots=settings.max_concurrency,
         ctx_size=settings.ctx_size,
         max_tree_nodes=tree_tokens,
-        max_tree_branches=1 if source in (None, NGRAM) else tree_tokens,  # chains: 1 branch
+        # chains (plain decoding, lookup, or exact with a draft): 1 branch
+        max_tree_branches=1 if source in (None, NGRAM) or settings.exact else tree_tokens,
         batch_size=settings.batch_size,
         num_threads=settings.num_threads,
         flash_attn=settings.flash_attn,

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         True, description="Prompt lookup also searches the texts (prompt and output) of "
         "earlier requests to this server, the last 65,536 tokens of them, kept in memory; "
         "off: each request's own context only.")
+    exact: bool = Field(
+        True, description="Speculative output bit-identical to plain decoding, under "
+        "concurrency too: the target verifies one chain per step (the likeliest path of the "
+        "draft's tree), each request in KV cells of its own. Off: whole trees in one shared "
+        "cache, more tokens accepted per step, output equal only up to rounding. Needs "
+        "llama.cpp without llamafile kernels (the default install).")
     draft_top_k: int = Field(4, ge=1, le=32, description="Children per expanded draft node.")
     draft_depth: int = Field(5, ge=1, le=32, description="Levels of the draft tree below the root.")
     draft_tokens: int = Field(

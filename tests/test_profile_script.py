@@ -55,7 +55,9 @@ def test_profile_script_reports_and_projects(tmp_path):
     assert [int(k) for k in profiles[0]] == list(range(1, 9))
     assert [int(k) for k in profiles[1]] == [1, 2, 4, 8]
     assert all(v > 0 for profile in profiles for v in profile.values())
-    assert "| small.gguf |" in out.with_suffix(".md").read_text()
+    assert report["prefill_seconds"]["small.gguf"] > 0 and report["kernels"] == "exact"
+    table = out.with_suffix(".md").read_text()
+    assert "| small.gguf |" in table and "Prompt of 16 tokens in one decode" in table
     for suffix in ("_verify.png", "_projection_7b.png"):
         assert (tmp_path / ("profile" + suffix)).stat().st_size > 1000
 

@@ -5,14 +5,17 @@ The target is an F16 copy of the default model. Drafts: a randomly initialised o
 greedy answers (most steps accept several tokens), each in chain and in tree mode, on the
 CPU and, where present, CUDA.
 
-Floating point: llama.cpp multiplies a batch of tokens with other kernels than one token
-(different accumulation order), so F16 logits of a verified tree differ from one-token
-decoding by up to ~0.03. Where the target's top two logits are closer than that, either
-token may win (seen in these prompts: a gap of 0.007). So outputs must be token-identical,
-except that an output may part from the plain one at a position where the plain decoding's
-top two logits were within NEAR_TIE; and at least 20 outputs must be identical throughout.
-Sampled (T > 0, seeded) outputs likewise: they may part only where the plain run's draw fell
-within SAMPLED_NEAR_TIE of the edge of its token's stretch of the cumulative distribution.
+Floating point: these targets verify whole trees, whose branches share one pool of KV
+cells, so a token's attention adds up its cells in another order than plain decoding does
+(docs/how-it-works.md, "Exactness"); F16 logits then differ from one-token decoding by up to
+~0.03. Where the target's top two logits are closer than that, either token may win (seen in
+these prompts: a gap of 0.007). So outputs must be token-identical, except that an output
+may part from the plain one at a position where the plain decoding's top two logits were
+within NEAR_TIE; and at least 20 outputs must be identical throughout. Sampled (T > 0,
+seeded) outputs likewise: they may part only where the plain run's draw fell within
+SAMPLED_NEAR_TIE of the edge of its token's stretch of the cumulative distribution. The
+server's default (`--exact`: chains, a stream of cells per request) is bit-exact:
+tests/test_exactness.py.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "humaneval_throughput.py"
@@ -17,8 +18,10 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "humaneval_through
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("throughput") / "he"
     argv = sys.argv
+    # the worker system, here on this same build (CI has no other): the plumbing
+    library = Path(llama_cpp.__file__).resolve().parent.parent
     sys.argv = [str(SCRIPT), "--count", "2", "--max-tokens", "12", "--check",
-                "--threads", "2", "--out", str(out)]
+                "--threads", "2", "--stock-llama", str(library), "--out", str(out)]
     try:
         runpy.run_path(str(SCRIPT), run_name="__main__")
     finally:
@@ -29,7 +32,9 @@ def report(tmp_path_factory):
 def test_report_covers_every_system_and_problem(report):
     out, data = report
     systems = [s["system"] for s in data["summary"]]
-    assert systems == ["dovetail", "dovetail-plain", "llama-cpp", "llama-cpp-lookup"]
+    assert systems == ["dovetail", "dovetail-plain", "llama-cpp", "llama-cpp-lookup",
+                       "llama-cpp-stock"]
+    assert data["kernels"] == data["stock_kernels"] == "exact"
     for name in systems:
         rows = data["rows"][name]
         assert [row["task_id"] for row in rows] == ["HumanEval/0", "HumanEval/1"]
@@ -45,8 +50,12 @@ def test_report_covers_every_system_and_problem(report):
     assert by_name["dovetail-plain"]["median_prompt_s"] > 0
     assert by_name["dovetail"]["median_draft_start_s"] > 0
     assert by_name["dovetail-plain"]["median_draft_start_s"] == 0
-    # plain decoding of the same model says what llama-cpp-python says
+    # plain and speculative decoding of the same model say what llama-cpp-python says, and
+    # the worker's library (the same build here) too
     assert by_name["dovetail-plain"]["same_text_as_llama_cpp"] == 2
+    assert by_name["dovetail"]["same_text_as_llama_cpp"] == 2
+    assert by_name["llama-cpp-stock"]["same_text_as_llama_cpp"] == 2
+    assert by_name["llama-cpp"]["speedup_total_stock"] > 0
     for s in data["summary"]:
         assert s["q1_tok_s"] <= s["median_tok_s"] <= s["q3_tok_s"]
         assert 0 <= s["pass_at_1"] <= 1

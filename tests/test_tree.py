@@ -139,3 +139,27 @@ def test_best_keeps_the_likeliest_nodes_with_their_ancestors(seed):
             assert cut.depths[node] == cut.depths[cut.parents[node]] + 1
         kept = sorted(cut.path_probs(), reverse=True)
         np.testing.assert_allclose(kept, sorted(probs, reverse=True)[:size])
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_best_chain_is_the_path_with_the_most_expected_accepted_tokens(seed):
+    """Against every root→leaf path of a random tree, enumerated by brute force."""
+    rng = np.random.default_rng(seed)
+    builder = TreeBuilder(root_token=7, top_k=3, total_tokens=12)
+    grow(builder, 4, rng)
+    tree = builder.finish()
+    probs = tree.path_probs()
+    leaves = [node for node in range(len(tree.tokens)) if node not in tree.parents]
+    paths = [ancestors(tree, leaf)[::-1] for leaf in leaves]
+    best = max(sum(probs[node] for node in path) for path in paths)
+
+    chain = tree.best_chain()
+    assert chain.parents == list(range(-1, len(chain.tokens) - 1))
+    assert chain.depths == list(range(len(chain.tokens)))
+    assert any(chain.tokens == [tree.tokens[node] for node in path] for path in paths)
+    assert sum(chain.path_probs()) == pytest.approx(best)
+    assert chain.best_chain() == chain  # a chain is its own best chain
+
+
+def test_best_chain_of_a_bare_root_is_the_root():
+    assert DraftTree.root_only(5).best_chain() == DraftTree.root_only(5)

@@ -127,6 +127,14 @@ class Target:
         self._kv = KvSlots(self._memory, config.num_slots, config.max_tree_branches,
                            config.reuse_prefixes)
 
+    @property
+    def chains_only(self) -> bool:
+        """Each slot's cells in a stream of their own: a token's attention then sums over
+        its own request's cells, in position order, as in plain decoding (bit-identical
+        logits with exact kernels: verifier/kernels.py). Trees need one pool of cells for
+        their branches, where that order is lost."""
+        return self.config.max_tree_branches == 1
+
     # -- chat template --------------------------------------------------------------------
 
     def _load_chat_template(self) -> ChatTemplate | None:

@@ -222,6 +222,8 @@ class Engine:
 
     def _propose(self, sequence: Sequence) -> DraftTree:
         tree = self._budget(sequence).propose(self._proposer(sequence), sequence)
+        if self.target.chains_only:
+            tree = tree.best_chain()
         self.target.check_tree(TreeRequest(sequence.slot, tree.tokens, tree.parents))
         return tree
 

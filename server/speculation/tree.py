@@ -60,6 +60,30 @@ class DraftTree:
                          depths=[self.depths[i] for i in kept],
                          draft_probs=[self.draft_probs[i] for i in kept])
 
+    def best_chain(self) -> DraftTree:
+        """The root→leaf path with the most expected accepted tokens (the sum of its nodes'
+        path probabilities): what a target that verifies only chains gets of this tree."""
+        probs = self.path_probs()
+        value = list(probs)  # the best sum over a path down from each node
+        best_child = [-1] * len(self.tokens)
+        for node in range(len(self.tokens) - 1, -1, -1):  # children come after parents
+            if best_child[node] >= 0:
+                value[node] = probs[node] + value[best_child[node]]
+            parent = self.parents[node]
+            # ties go to the earlier (better ranked) child, visited later
+            if node and (best_child[parent] < 0 or value[node] >= value[best_child[parent]]):
+                best_child[parent] = node
+        path, node = [0], best_child[0]
+        while node >= 0:
+            path.append(node)
+            node = best_child[node]
+        if len(path) == len(self.tokens):
+            return self
+        return DraftTree(tokens=[self.tokens[i] for i in path],
+                         parents=list(range(-1, len(path) - 1)),
+                         depths=list(range(len(path))),
+                         draft_probs=[self.draft_probs[i] for i in path])
+
     def attention_mask(self) -> np.ndarray:
         """[N, N] bool: node i sees node j iff j is i or one of its ancestors."""
         size = len(self.tokens)
