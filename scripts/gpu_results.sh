@@ -13,7 +13,9 @@
 # `dovetail serve` flags for the speculative system, e.g. "--draft runs/new/draft"; the
 # profile step then times that draft too), VARIANT (one more server system for both
 # throughput runs, NAME=FLAGS; default "lookup=--draft ngram": prompt lookup alone, no draft,
-# against the draft's default; empty: none). Each step's output goes to OUT/<step>.log; a
+# against the draft's default; empty: none), STOCK_LLAMA (a folder holding another
+# llama-cpp-python build, e.g. the stock one: the throughput runs report speedups against
+# it too). Each step's output goes to OUT/<step>.log; a
 # failing step is reported and the others still run. Needs the project importable
 # (installed, or on PYTHONPATH) and, for the tests, pytest.
 set -uo pipefail
@@ -31,6 +33,7 @@ DRAFT=shipped
 if [[ "$SERVE_ARGS" =~ --draft[=[:space:]]+([^[:space:]]+) ]]; then DRAFT=${BASH_REMATCH[1]}; fi
 MODEL_ARGS=()
 if [[ -n "${MODEL:-}" ]]; then MODEL_ARGS=(--model "$MODEL"); fi
+if [[ -n "${STOCK_LLAMA:-}" ]]; then VARIANT_ARGS+=(--stock-llama "$STOCK_LLAMA"); fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 failed=()

@@ -317,7 +317,7 @@ def write_report(report: dict, out: Path) -> None:
              f"{report['max_tokens']} tokens, T=0, {report['threads']} threads, "
              f"{report['model']}; {report['machine']}"
              + ("" if report.get("extra_buffers", True) else
-                "; weights in plain buffers (no AMX/repacking) for every system"), "",
+                "; weights in plain buffers (no AMX/repacking) for every system")
              + (f"; llama.cpp kernels: {report['kernels']}" if "kernels" in report else "")
              + (f" (llama-cpp-stock: {report['stock_kernels']})"
                 if "stock_kernels" in report else ""), "",
@@ -349,6 +349,7 @@ def write_report(report: dict, out: Path) -> None:
     bars = axis.bar(names, medians, yerr=errors, capsize=4, color="#2f6fb0")
     axis.bar_label(bars, fmt="%.1f", fontsize=8, label_type="center", color="white")
     axis.set_ylabel("tokens/s per request (median, quartiles)")
+    plt.setp(axis.get_xticklabels(), rotation=20, ha="right", fontsize=8)
     axis.set_title(report["machine"], fontsize=8)
     figure.tight_layout()
     figure.savefig(out.parent / (out.name + "_throughput.png"), dpi=120)

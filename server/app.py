@@ -106,7 +106,8 @@ def create_app(settings: Settings,
         return JSONResponse({"status": "ok", "active_requests": engine.num_active,
                              "waiting_requests": engine.num_waiting,
                              "free_slots": engine.target.num_free_slots,
-                             **exactness(engine.target.chains_only)})
+                             **exactness(engine.target.chains_only,
+                                         engine.target.config.flash_attn)})
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": int(time.time()),

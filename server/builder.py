@@ -70,6 +70,9 @@ def log_exactness(exactness: dict) -> None:
     if exactness["identical_to_plain"]:
         log.info("output identical to plain decoding: exact kernels, %s verified",
                  exactness["verifies"])
+    elif exactness["flash_attn"]:
+        log.info("output equal to plain decoding up to rounding: flash attention sums a "
+                 "long context in another order for one token than for several")
     elif exactness["kernels"] != EXACT:
         log.warning("llama.cpp was built with its llamafile kernels, which round a batch "
                     "of tokens differently from one token: output equals plain decoding "
@@ -81,7 +84,7 @@ def log_exactness(exactness: dict) -> None:
 
 def build_engine(settings: Settings) -> Engine:
     source = draft_source(settings)
-    log_exactness(exactness(chains_only=source in (None, NGRAM) or settings.exact))
+    log_exactness(exactness(source in (None, NGRAM) or settings.exact, settings.flash_attn))
     tree_tokens = 1 if source is None else settings.draft_tokens
     target = Target(TargetConfig(
         model_path=settings.model_path,
@@ -122,7 +125,7 @@ def build_engine(settings: Settings) -> Engine:
     if not settings.adaptive_budget:
         return Engine(target, hybrid)
     costs = live_costs(target, "draft tree + prompt lookup")
-    budget = TreeBudget(costs)
+    budget = TreeBudget(costs, chains=settings.exact)
     if not settings.draft_choice:
         return Engine(target, hybrid, budget=budget)
     choice = ProposerChoice([Mode("draft", hybrid, budget),

@@ -359,3 +359,22 @@ def test_each_request_goes_to_the_mode_that_served_faster_and_the_other_one_is_r
     assert picks.count("draft") == 30 and picks.count("lookup") == 2
     choice.observe(lookup, seconds=1.0, tokens=0)  # nothing produced: no evidence
     assert lookup.requests == 1
+
+
+def test_a_chains_only_budget_cuts_the_trees_likeliest_chain():
+    """`--exact`: what is verified is a chain, so the budget sizes and predicts the chain."""
+    clock = FakeClock()
+    proposer = FakeHybrid(clock, 0.0005, [0.9])
+    # root 0 → 1 (0.5) → 3 (0.9) → 5 (0.9); root → 2 (0.45) → 4 (0.95): 1-3-5 sums more
+    proposer.tree = DraftTree(tokens=[0, 1, 2, 3, 4, 5], parents=[-1, 0, 0, 1, 2, 3],
+                              depths=[0, 1, 1, 2, 2, 3],
+                              draft_probs=[1.0, 0.5, 0.45, 0.9, 0.95, 0.9])
+    budget = TreeBudget(FLAT, chains=True, clock=clock)
+    sequence = Sequence([1], SamplingParams(temperature=0), 8, [], sink=lambda e: None)
+    sequence.root_token = 0
+    tree = budget.propose(proposer, sequence)
+    assert tree.tokens == [0, 1, 3, 5] and tree.parents == [-1, 0, 1, 2]
+    size, predicted, _ = sequence.budget_step
+    assert size == 4 and predicted == pytest.approx(0.5 + 0.45 + 0.405)
+    wide = TreeBudget(FLAT, clock=clock).propose(proposer, sequence)
+    assert len(wide.tokens) == 6  # without chains: the whole tree

@@ -27,10 +27,13 @@ from server.speculation.shared_ngrams import SharedNgrams
 from tests.conftest import make_target
 from tests.test_speculative import FLAT_COSTS, PROMPTS
 from verifier.decode_batch import PromptChunk
-from verifier.kernels import EXACT, kernels
+from verifier.kernels import EXACT, FAST, exactness, kernels
 from verifier.sampling import SamplingParams
 
 TREE = TreeShape(top_k=3, depth=4, total_tokens=8)  # proposed; the likeliest chain verified
+# the shipped draft's full-vocabulary head costs ~15 ms per tree node on a 2-core CPU: a
+# small tree keeps these runs to minutes
+DRAFT_TREE = TreeShape(top_k=2, depth=3, total_tokens=6)
 MAX_NEW = 48
 GREEDY = SamplingParams(temperature=0)
 SEEDED = SamplingParams(temperature=1.0, seed=4321)
@@ -58,7 +61,7 @@ def run(engine: Engine, prompts: list[list[int]], params: SamplingParams,
 
 def draft_with_lookup(draft) -> HybridProposer:
     """The server's composition: the draft's tree with prompt lookup merged in."""
-    return HybridProposer(DraftProposer(draft, TREE),
+    return HybridProposer(DraftProposer(draft, DRAFT_TREE),
                           NgramProposer(max_tokens=TREE.total_tokens - 1))
 
 
@@ -97,7 +100,7 @@ def prompts(target):
 @pytest.fixture(scope="module")
 def plain(target, prompts):
     return {"greedy": outputs(run(Engine(target), prompts, GREEDY)),
-            "seeded": outputs(run(Engine(target), prompts[:16], SEEDED))}
+            "seeded": outputs(run(Engine(target), prompts, SEEDED))}
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +111,17 @@ def shipped_draft(model):
 def test_the_build_has_exact_kernels():
     """The install builds llama.cpp without llamafile kernels (Makefile: CMAKE_ARGS)."""
     assert kernels() == EXACT, "llama.cpp has llamafile kernels: reinstall with `make setup`"
+
+
+def test_what_health_says_follows_the_kernels_the_cache_and_flash_attention():
+    """The feature line as the stock build prints it, and without llamafile."""
+    stock = "CPU : SSE3 = 1 | AVX2 = 1 | F16C = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | "
+    exact = stock.replace("LLAMAFILE = 1 | ", "")
+    assert kernels(stock) == FAST and kernels(exact) == EXACT
+    assert exactness(True, info=exact)["identical_to_plain"]
+    assert not exactness(False, info=exact)["identical_to_plain"]  # trees
+    assert not exactness(True, flash_attn=True, info=exact)["identical_to_plain"]
+    assert not exactness(True, info=stock)["identical_to_plain"]
 
 
 def test_batched_chunked_and_one_token_logits_are_identical(target, prompts):
@@ -170,10 +184,10 @@ def test_seeded_sampling_with_speculation_equals_plain_sampling(target, prompts,
                                                                shipped_draft):
     lookup = NgramProposer(max_tokens=TREE.total_tokens - 1, shared=SharedNgrams())
     hybrid = draft_with_lookup(shipped_draft)
-    for engine in (Engine(target, lookup), Engine(target, hybrid)):
-        sequences = run(engine, prompts[:16], SEEDED)
+    for engine, count in ((Engine(target, lookup), len(prompts)), (Engine(target, hybrid), 12)):
+        sequences = run(engine, prompts[:count], SEEDED)
         got = outputs(sequences)
-        assert got == plain["seeded"], first_difference(got, plain["seeded"])
+        assert got == plain["seeded"][:count], first_difference(got, plain["seeded"])
         assert sum(sequence.num_accepted for sequence in sequences) > 20
     other = outputs(run(Engine(target), prompts[:4], SamplingParams(temperature=1.0, seed=7)))
     assert other != plain["seeded"][:4]

@@ -26,11 +26,13 @@ def kernels(info: str | None = None) -> str:
     return FAST if "LLAMAFILE = 1" in info else EXACT
 
 
-def exactness(chains_only: bool, info: str | None = None) -> dict:
+def exactness(chains_only: bool, flash_attn: bool = False, info: str | None = None) -> dict:
     """What /health and the startup log say of the output. identical_to_plain: the kernels
-    are exact and the target verifies chains, each request in cells of its own, so that a
-    token's attention adds up its request's cells in the order plain decoding does."""
+    are exact, the target verifies chains, each request in cells of its own, so that a
+    token's attention adds up its request's cells in the order plain decoding does, and
+    flash attention is off (its CPU kernel switches to a split-KV sum for one query over
+    512 cells or more, and to a tiled one from 64 queries)."""
     library = kernels(info)
     verifies = "chains" if chains_only else "trees"
-    return {"kernels": library, "verifies": verifies,
-            "identical_to_plain": library == EXACT and chains_only}
+    return {"kernels": library, "verifies": verifies, "flash_attn": flash_attn,
+            "identical_to_plain": library == EXACT and chains_only and not flash_attn}

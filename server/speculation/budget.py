@@ -99,12 +99,16 @@ class TreeBudget:
     trees (growth_levels): where verification is dear the cut keeps a few shallow
     nodes, and the levels below them would only be time the step waits for. The one level
     more lets the depth come back when deeper nodes start to make the cut.
+
+    chains: the target verifies chains only (`--exact`): the tree's likeliest chain is cut,
+    so that sizes, costs and predictions are those of what is verified.
     """
 
     def __init__(self, costs: Costs, probe_share: float = 0.05, weight: float = 0.1,
-                 min_gain: float = MIN_GAIN,
+                 min_gain: float = MIN_GAIN, chains: bool = False,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.costs = costs
+        self.chains = chains
         self.clock = clock
         self.probe_share = probe_share
         self.weight = weight
@@ -142,6 +146,8 @@ class TreeBudget:
             seconds = sequence.launch_seconds + self.clock() - started  # started early too
             self.draft_seconds = self._average(self.draft_seconds, seconds)
             self.since_probe = 0.0
+            if self.chains:
+                tree = tree.best_chain()
             # a probe verifies one drafted token at least: cut to the root, it would tell
             # nothing, and a calibration gone low could never recover
             tree, predicted = self._cut(tree, min_size=1 if pays else 2)
