@@ -1,7 +1,8 @@
 """Bit-exact speculation: with the project's llama.cpp build (no llamafile kernels) and a
 target that verifies chains, each request in KV cells of its own, speculative output is the
 target's own one-token-at-a-time output token for token — on the Q4_1 default model, not
-only on an F16 copy; at T=0 and seeded T=1; alone and beside seven other requests.
+only on an F16 copy; at T=0 and seeded T=1; alone and beside seven other requests (the
+F16 copy: invariance and concurrency).
 
 No tolerance anywhere: a build or a cache layout that changes the logits' rounding by one
 bit fails here (the tree tests in test_speculative.py allow near-ties; trees share one pool
@@ -34,7 +35,7 @@ TREE = TreeShape(top_k=3, depth=4, total_tokens=8)  # proposed; the likeliest ch
 # the shipped draft's full-vocabulary head costs ~15 ms per tree node on a 2-core CPU: a
 # small tree keeps these runs to minutes
 DRAFT_TREE = TreeShape(top_k=2, depth=3, total_tokens=6)
-MAX_NEW = 48
+MAX_NEW = 32
 GREEDY = SamplingParams(temperature=0)
 SEEDED = SamplingParams(temperature=1.0, seed=4321)
 
@@ -99,8 +100,21 @@ def prompts(target):
 
 @pytest.fixture(scope="module")
 def plain(target, prompts):
-    return {"greedy": outputs(run(Engine(target), prompts, GREEDY)),
-            "seeded": outputs(run(Engine(target), prompts, SEEDED))}
+    """Plain decoding of the 40 prompts, greedy and seeded (computed when first asked)."""
+    found = {}
+
+    def outputs_of(name: str) -> list[list[int]]:
+        if name not in found:
+            found[name] = outputs(run(Engine(target), prompts, GREEDY if name == "greedy"
+                                      else SEEDED))
+        return found[name]
+
+    return outputs_of
+
+
+# the 40-prompt runs on the Q4_1 default (the model the issue is about); the F16 copy gets
+# the invariance and concurrency tests
+Q4_ONLY = pytest.mark.parametrize("model", ["q4_1"], indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -148,16 +162,18 @@ def test_batched_chunked_and_one_token_logits_are_identical(target, prompts):
     assert np.array_equal(np.stack(batched.logits[:7]), np.stack(one_at_a_time))
 
 
+@Q4_ONLY
 def test_lookup_chains_equal_plain_decoding_token_for_token(target, prompts, plain):
     lookup = NgramProposer(max_tokens=TREE.total_tokens - 1, shared=SharedNgrams())
     for engine in (Engine(target, lookup),
                    Engine(target, lookup, budget=LookupBudget(FLAT_COSTS, 7))):
         sequences = run(engine, prompts, GREEDY)
         got = outputs(sequences)
-        assert got == plain["greedy"], first_difference(got, plain["greedy"])
+        assert got == plain("greedy"), first_difference(got, plain("greedy"))
         assert sum(sequence.num_accepted for sequence in sequences) > 200
 
 
+@Q4_ONLY
 def test_the_shipped_draft_tree_with_lookup_verified_as_chains_equals_plain_decoding(
         target, prompts, plain, shipped_draft, monkeypatch):
     """The server's composition (draft tree + lookup); the target verifies the likeliest
@@ -173,13 +189,14 @@ def test_the_shipped_draft_tree_with_lookup_verified_as_chains_equals_plain_deco
     hybrid = draft_with_lookup(shipped_draft)
     sequences = run(Engine(target, hybrid), prompts, GREEDY)
     got = outputs(sequences)
-    assert got == plain["greedy"], first_difference(got, plain["greedy"])
+    assert got == plain("greedy"), first_difference(got, plain("greedy"))
     assert all(parents == list(range(-1, len(parents) - 1)) for parents in verified)
     tau = sum(len(s.output_tokens) for s in sequences) / sum(s.num_verify_steps
                                                               for s in sequences)
     assert tau > 1.5, f"the shipped draft's chains accepted too little: τ {tau:.2f}"
 
 
+@Q4_ONLY
 def test_seeded_sampling_with_speculation_equals_plain_sampling(target, prompts, plain,
                                                                shipped_draft):
     lookup = NgramProposer(max_tokens=TREE.total_tokens - 1, shared=SharedNgrams())
@@ -187,17 +204,16 @@ def test_seeded_sampling_with_speculation_equals_plain_sampling(target, prompts,
     for engine, count in ((Engine(target, lookup), len(prompts)), (Engine(target, hybrid), 12)):
         sequences = run(engine, prompts[:count], SEEDED)
         got = outputs(sequences)
-        assert got == plain["seeded"][:count], first_difference(got, plain["seeded"])
+        assert got == plain("seeded")[:count], first_difference(got, plain("seeded"))
         assert sum(sequence.num_accepted for sequence in sequences) > 20
     other = outputs(run(Engine(target), prompts[:4], SamplingParams(temperature=1.0, seed=7)))
-    assert other != plain["seeded"][:4]
+    assert other != plain("seeded")[:4]
 
 
-def test_eight_concurrent_streams_equal_each_served_alone(target, prompts, plain,
-                                                          shipped_draft):
+def test_eight_concurrent_streams_equal_each_served_alone(target, prompts, shipped_draft):
     """Eight requests decoded side by side, prompt chunks and chains in the same decodes."""
     group = [prompts[i] for i in (0, 3, 5, 11, 19, 24, 30, 37)]
-    alone = [plain["greedy"][i] for i in (0, 3, 5, 11, 19, 24, 30, 37)]
+    alone = outputs(run(Engine(target), group, GREEDY))
     lookup = NgramProposer(max_tokens=TREE.total_tokens - 1)
     hybrid = draft_with_lookup(shipped_draft)
     for engine in (Engine(target), Engine(target, lookup), Engine(target, hybrid)):

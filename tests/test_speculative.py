@@ -198,7 +198,9 @@ def test_greedy_speculative_output_equals_plain_decoding(draft_kind, shape, devi
     if draft_kind == "random":
         assert accepted / drafted < 0.05 and tau < 1.2
     else:
-        assert tau > 1.8, f"trained draft accepted too little: tau {tau:.2f}"
+        # a chain of 4 keeps fewer of the overfit draft's tokens than the tree of 8
+        floor = 1.8 if shape is TREE else 1.6
+        assert tau > floor, f"trained draft accepted too little: tau {tau:.2f}"
 
 
 @pytest.mark.slow
