@@ -15,6 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.builder import build_engine
+from server.constraints.requests import Structure, request_structure
+from server.constraints.tools import ToolCallParser
 from server.engine import Engine
 from server.engine.logprobs import TokenLogprob
 from server.engine.sequence import Sequence, SequenceEvent
@@ -131,10 +133,11 @@ def create_app(settings: Settings,
         budget = completion_budget(len(prompt), body.max_new_tokens, settings.ctx_size,
                                    "max_completion_tokens" if body.max_completion_tokens
                                    else "max_tokens")
+        structure = request_structure(engine.tokenizer, body)
         fmt = ResponseFormat("chat", model_name, include_usage=body.include_usage,
                              top_logprobs=requested_logprobs(body))
         return await _generate(engine, request, body, prompt, budget, fmt, prefix="",
-                               timeout=settings.request_timeout)
+                               timeout=settings.request_timeout, structure=structure)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -147,11 +150,12 @@ def create_app(settings: Settings,
             prefix = body.prompt if isinstance(body.prompt, str) else \
                 engine.tokenizer.decode(list(body.prompt))
         top_logprobs = requested_logprobs(body)
+        structure = request_structure(engine.tokenizer, body)
         fmt = ResponseFormat("text", model_name, include_usage=body.include_usage,
                              top_logprobs=top_logprobs, prefix_length=len(prefix),
                              prompt_logprobs=body.echo and top_logprobs is not None)
         return await _generate(engine, request, body, prompt, budget, fmt, prefix,
-                               timeout=settings.request_timeout)
+                               timeout=settings.request_timeout, structure=structure)
 
     return app
 
@@ -202,7 +206,7 @@ REJECTED = APIError(503, "no slot became free before the request's deadline, or 
 
 async def _generate(engine: Engine, request: Request, body: SamplingFields,
                     prompt: list[int], budget: int, fmt: ResponseFormat, prefix: str,
-                    timeout: float):
+                    timeout: float, structure: Structure):
     clock = _RequestClock(request.app.state.metrics, fmt.id)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[SequenceEvent] = asyncio.Queue()
@@ -216,18 +220,20 @@ async def _generate(engine: Engine, request: Request, body: SamplingFields,
         logprobs=fmt.top_logprobs,
         prompt_logprobs=fmt.prompt_logprobs,
         deadline=clock.arrival + timeout if timeout else None,
+        grammar=structure.grammar,
     )
     engine.submit(sequence)
+    tools = structure.tool_parser()
     if body.stream:
-        return StreamingResponse(_stream(engine, sequence, events, fmt, prefix, clock),
+        return StreamingResponse(_stream(engine, sequence, events, fmt, prefix, clock, tools),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    return await _collect(engine, sequence, events, request, fmt, prefix, clock)
+    return await _collect(engine, sequence, events, request, fmt, prefix, clock, tools)
 
 
 async def _collect(engine: Engine, sequence: Sequence, events: asyncio.Queue,
                    request: Request, fmt: ResponseFormat, prefix: str,
-                   clock: _RequestClock) -> JSONResponse:
+                   clock: _RequestClock, tools: ToolCallParser | None) -> JSONResponse:
     watcher = asyncio.create_task(_cancel_on_disconnect(engine, sequence, request))
     pieces = [prefix]
     logprobs: list[TokenLogprob] = []
@@ -252,8 +258,14 @@ async def _collect(engine: Engine, sequence: Sequence, events: asyncio.Queue,
         return error_response(APIError(500, event.error))
     if event.finish_reason == "rejected":
         return error_response(REJECTED)
-    return JSONResponse(fmt.full("".join(pieces), event.finish_reason, event.usage, logprobs,
-                                 prompt_logprobs))
+    text = "".join(pieces)
+    calls: list[dict] = []
+    if tools is not None:
+        text, _ = tools.push(text)
+        text += tools.flush()
+        calls = [call.as_dict() for call in tools.calls]
+    return JSONResponse(fmt.full(text, event.finish_reason, event.usage, logprobs,
+                                 prompt_logprobs, calls))
 
 
 async def _cancel_on_disconnect(engine: Engine, sequence: Sequence, request: Request) -> None:
@@ -266,8 +278,10 @@ async def _cancel_on_disconnect(engine: Engine, sequence: Sequence, request: Req
 
 
 async def _stream(engine: Engine, sequence: Sequence, events: asyncio.Queue,
-                  fmt: ResponseFormat, prefix: str, clock: _RequestClock) -> AsyncIterator[str]:
-    """SSE: role chunk, text chunks, finish chunk, optional usage chunk, [DONE].
+                  fmt: ResponseFormat, prefix: str, clock: _RequestClock,
+                  tools: ToolCallParser | None) -> AsyncIterator[str]:
+    """SSE: role chunk, text chunks, finish chunk, optional usage chunk, [DONE]. With tools,
+    the text is split into content chunks and tool-call chunks as it arrives.
 
     If the client goes away, Starlette stops iterating and `finally` cancels the sequence.
     """
@@ -278,9 +292,16 @@ async def _stream(engine: Engine, sequence: Sequence, events: asyncio.Queue,
         while True:
             event: SequenceEvent = await events.get()
             clock.event(event)
-            if event.text or event.logprobs or event.prompt_logprobs:
-                yield fmt.chunk(event.text, logprobs=event.logprobs,
+            text, deltas = event.text, []
+            if tools is not None:
+                text, deltas = tools.push(text)
+                if event.finish_reason is not None:
+                    text += tools.flush()
+            if text or event.logprobs or event.prompt_logprobs:
+                yield fmt.chunk(text, logprobs=event.logprobs,
                                 prompt_logprobs=event.prompt_logprobs)
+            if deltas:
+                yield fmt.tool_calls_chunk(deltas)
             if event.finish_reason is None:
                 continue
             if event.error is not None:
@@ -288,7 +309,8 @@ async def _stream(engine: Engine, sequence: Sequence, events: asyncio.Queue,
             elif event.finish_reason == "rejected":
                 yield sse(error_body(REJECTED.status, REJECTED.message))
             else:
-                yield fmt.chunk("", finish_reason=event.finish_reason)
+                yield fmt.chunk("", finish_reason=event.finish_reason,
+                                made_calls=tools is not None and tools.made_calls)
                 if fmt.include_usage:
                     yield fmt.usage_chunk(event.usage)
             status = "error" if event.error is not None else event.finish_reason

@@ -108,6 +108,9 @@ class EngineCollector(Collector):
         yield counter("spec_decode_num_draft_tokens", "Drafted tokens", counters.draft_tokens)
         yield counter("spec_decode_num_accepted_tokens", "Drafted tokens accepted by the target",
                       counters.accepted_tokens)
+        yield counter("spec_decode_num_forced_tokens",
+                      "Accepted tokens that a grammar forced (structured output; proposed "
+                      "without drafting)", counters.forced_tokens)
         per_position = CounterMetricFamily(
             PREFIX + "spec_decode_num_accepted_tokens_per_pos",
             "Steps whose N-th drafted token was accepted", labels=["position"])

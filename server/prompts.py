@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from itertools import chain
 
+from server.constraints.requests import offers_tools
+from server.constraints.tools import call_text, response_text, tools_system_text
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from verifier.chat_template import ChatTemplateError
@@ -19,9 +21,10 @@ def chat_prompt_tokens(target: Target, request: ChatCompletionRequest) -> list[i
     if target.chat_template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
     tokenizer = target.tokenizer
-    contents, literals = _mask_special_text(tokenizer, [m.text for m in request.messages])
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": content}
-                for m, content in zip(request.messages, contents, strict=True)]
+    turns = conversation(request)
+    contents, literals = _mask_special_text(tokenizer, [content for _, content in turns])
+    messages = [{"role": role, "content": content}
+                for (role, _), content in zip(turns, contents, strict=True)]
     try:
         text = target.chat_template.render(messages, add_generation_prompt=True)
     except ChatTemplateError as error:
@@ -33,6 +36,34 @@ def chat_prompt_tokens(target: Target, request: ChatCompletionRequest) -> list[i
     if not literals:
         return tokenizer.encode(text, add_bos=add_bos, parse_special=True)
     return tokenizer.encode_with_literals(text, literals, add_bos=add_bos)
+
+
+def conversation(request: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """The messages as (role, text) turns for the template. With tools (docs/api.md): their
+    list joins the system turn, an assistant's calls are written as the model writes them,
+    and tool results go back in a user turn (consecutive ones together)."""
+    turns: list[tuple[str, str]] = []
+    after_tool = False
+    for message in request.messages:
+        role, text = "system" if message.role == "developer" else message.role, message.text
+        if message.tool_calls:
+            calls = [call_text(call.function.name, call.function.arguments)
+                     for call in message.tool_calls]
+            text = "\n".join([text, *calls] if text else calls)
+        if role == "tool":
+            role, text = "user", response_text(text)
+            if after_tool:
+                text = turns.pop()[1] + "\n" + text
+        after_tool = message.role == "tool"
+        turns.append((role, text))
+    if offers_tools(request):
+        listing = tools_system_text([tool.model_dump(exclude_none=True, by_alias=True)
+                                     for tool in request.tools])
+        if turns[0][0] == "system":
+            turns[0] = ("system", turns[0][1] + "\n\n" + listing)
+        else:
+            turns.insert(0, ("system", listing))
+    return turns
 
 
 _PRIVATE_USE = (range(0xE000, 0xF900), range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE))

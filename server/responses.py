@@ -16,7 +16,10 @@ from server.engine.sequence import Usage
 _PUBLIC_FINISH_REASON = {"timeout": "length", "cancelled": "length"}
 
 
-def public_finish_reason(reason: str | None) -> str | None:
+def public_finish_reason(reason: str | None, made_calls: bool = False) -> str | None:
+    """made_calls: the reply's tool calls are complete ("tool_calls" instead of "stop")."""
+    if made_calls and reason == "stop":
+        return "tool_calls"
     return _PUBLIC_FINISH_REASON.get(reason, reason)
 
 
@@ -60,11 +63,17 @@ class ResponseFormat:
 
     def full(self, text: str, finish_reason: str, usage: Usage,
              logprobs: Sequence[TokenLogprob] = (),
-             prompt_logprobs: Sequence[TokenLogprob] = ()) -> dict:
-        finish_reason = public_finish_reason(finish_reason)
+             prompt_logprobs: Sequence[TokenLogprob] = (),
+             tool_calls: Sequence[dict] = ()) -> dict:
+        """tool_calls: the reply's calls (then `content` is null unless text came first)."""
+        finish_reason = public_finish_reason(finish_reason, bool(tool_calls))
         logprobs_body = self._logprobs(logprobs, prompt_logprobs)
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+            message: dict = {"role": "assistant", "content": text}
+            if tool_calls:
+                message = {"role": "assistant", "content": text or None,
+                           "tool_calls": list(tool_calls)}
+            choice = {"index": 0, "message": message,
                       "logprobs": logprobs_body, "finish_reason": finish_reason}
         else:
             choice = {"text": text, "index": 0, "logprobs": logprobs_body,
@@ -76,13 +85,14 @@ class ResponseFormat:
 
     def chunk(self, text: str, finish_reason: str | None = None, is_first: bool = False,
               logprobs: Sequence[TokenLogprob] = (),
-              prompt_logprobs: Sequence[TokenLogprob] = ()) -> str:
+              prompt_logprobs: Sequence[TokenLogprob] = (), made_calls: bool = False) -> str:
         """A stream chunk; a text chunk carries the logprobs of the tokens whose text begins
         in it (when asked for)."""
         if finish_reason is None and not is_first and self.top_logprobs is None:
             head, tail = self._text_chunk_parts
             return head + encode_text(text) + tail
-        body = self._chunk_body(text, public_finish_reason(finish_reason), is_first)
+        body = self._chunk_body(text, public_finish_reason(finish_reason, made_calls),
+                                is_first)
         if finish_reason is None and not is_first:
             body["choices"][0]["logprobs"] = self._logprobs(logprobs, prompt_logprobs)
         return sse(body)
@@ -104,6 +114,12 @@ class ResponseFormat:
         if self.include_usage:
             body["usage"] = None
         return body
+
+    def tool_calls_chunk(self, deltas: list[dict]) -> str:
+        """Stream deltas of tool calls (server/constraints/tools.py, ToolCallParser)."""
+        body = self._chunk_body("", None, False)
+        body["choices"][0]["delta"] = {"tool_calls": deltas}
+        return sse(body)
 
     def usage_chunk(self, usage: Usage) -> str:
         object_name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"

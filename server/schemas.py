@@ -61,16 +61,95 @@ class TextPart(_Strict):
     text: Text
 
 
+FunctionName = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+JsonObject = dict[StrictStr, Any]
+
+
+class CalledFunction(_Strict):
+    name: FunctionName
+    arguments: Text  # JSON text, as the server sent it
+
+
+class ToolCall(_Strict):
+    id: StrictStr
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[TextPart], Field(min_length=1)]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | Annotated[list[TextPart], Field(min_length=1)] | None = None
     name: Text | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None  # assistant's
+    tool_call_id: StrictStr | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _fields_of_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id, the id of the call it answers")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class JsonSchemaSpec(_Strict):
+    name: FunctionName
+    description: Text | None = None
+    schema_: JsonObject = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormatField = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat,
+                                Field(discriminator="type")]
+
+
+class FunctionDefinition(_Strict):
+    name: FunctionName
+    description: Text | None = None
+    # none given: a function without parameters (its arguments are {})
+    parameters: JsonObject = Field(
+        default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionChoice(_Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionChoice
+
+
+MAX_TOOLS = 128
 
 
 class StreamOptions(_Strict):
@@ -112,6 +191,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
+    response_format: ResponseFormatField | None = None
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -122,6 +205,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Text | OnePromptList | TokenIds | OneTokenIdsList
+    response_format: ResponseFormatField | None = None  # an extension here, as in vLLM
     echo: bool = False
     logprobs: TopLogprobs | None = None  # here the number of top alternatives
     suffix: Literal[""] | None = None

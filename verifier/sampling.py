@@ -80,6 +80,11 @@ def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return probs / probs.sum()
 
 
+def mask_logits(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """The logits with every token outside `allowed` at -inf (a copy)."""
+    return np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+
+
 def sample_from(probs: np.ndarray, rng: np.random.Generator) -> int:
     """One draw from probs, taking exactly one number from rng."""
     return sample_at(probs, rng.random())
@@ -98,9 +103,13 @@ def choose_token(
     params: SamplingParams,
     token_counts: Mapping[int, int],
     rng: np.random.Generator,
+    allowed: np.ndarray | None = None,
 ) -> int:
-    """The target's next token: argmax at T=0, else a sample from `target_probs`."""
+    """The target's next token: argmax at T=0, else a sample from `target_probs`.
+    allowed: [vocab] bool, a grammar's mask, applied after bias and penalties."""
     logits = adjust_logits(logits, params, token_counts)
+    if allowed is not None:
+        logits = mask_logits(logits, allowed)
     if params.is_greedy:
         return int(np.argmax(logits))
     return sample_from(target_probs(logits, params), rng)

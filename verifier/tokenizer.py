@@ -36,6 +36,11 @@ class Tokenizer:
         self.special_text: re.Pattern[str] | None = re.compile(
             "(" + "|".join(map(re.escape, longest_first)) + ")") if longest_first else None
 
+    @property
+    def vocab(self) -> llama_cpp.llama_vocab_p:
+        """llama.cpp's vocabulary object (for libraries that read it, e.g. llguidance)."""
+        return self._vocab
+
     def encode(self, text: str, add_bos: bool = False, parse_special: bool = True) -> list[int]:
         """Text → token ids. `parse_special` turns e.g. '<|im_start|>' into its control token."""
         data = text.encode("utf-8")

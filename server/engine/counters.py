@@ -12,6 +12,7 @@ class EngineCounters:
     drafts: int = 0  # verification steps of one sequence that verified a drafted token
     draft_tokens: int = 0  # drafted tokens sent to the target
     accepted_tokens: int = 0  # drafted tokens the target accepted (bonus tokens not counted)
+    forced_tokens: int = 0  # of those, tokens a grammar forced (proposed without drafting)
     # [i]: steps whose (i+1)-th drafted token was accepted
     accepted_per_position: list[int] = field(default_factory=list)
     draft_seconds: float = 0.0  # drafting, counted also where the budget then verified none

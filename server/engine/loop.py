@@ -22,18 +22,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 
 import numpy as np
 
+from server.engine.accept import accept
 from server.engine.counters import EngineCounters
 from server.engine.sequence import Sequence, SequenceEvent
 from server.speculation.choice import ProposerChoice
+from server.speculation.grammar_tree import constrain_tree
 from server.speculation.proposer import Budget, FullBudget, Proposer
 from server.speculation.tree import DraftTree
-from verifier.acceptance import Acceptance, accept_greedy, accept_sampled
+from verifier.acceptance import Acceptance
 from verifier.decode_batch import ChunkOutput, PromptChunk, TreeOutput, TreeRequest
-from verifier.sampling import adjust_logits, choose_token, target_probs
+from verifier.sampling import choose_token
 from verifier.target import Target
 
 log = logging.getLogger("dovetail.engine")
@@ -132,7 +134,7 @@ class Engine:
         if outputs is not None:
             tree_outputs, chunk_outputs = outputs
             for (sequence, tree), output in zip(trees, tree_outputs, strict=True):
-                acceptance = self._guarded(self._accept, sequence, tree, output)
+                acceptance = self._guarded(accept, sequence, tree, output, self.tokenizer)
                 if acceptance is not None:
                     self._guarded(self._commit, sequence, tree, output, acceptance)
             for (sequence, tokens), output in zip(chunks, chunk_outputs, strict=True):
@@ -222,6 +224,9 @@ class Engine:
 
     def _propose(self, sequence: Sequence) -> DraftTree:
         tree = self._budget(sequence).propose(self._proposer(sequence), sequence)
+        if sequence.grammar is not None:
+            tree, sequence.forced_in_tree = constrain_tree(
+                tree, sequence.grammar, self.target.config.max_tree_nodes)
         if self.target.chains_only:
             tree = tree.best_chain()
         self.target.check_tree(TreeRequest(sequence.slot, tree.tokens, tree.parents))
@@ -290,8 +295,11 @@ class Engine:
             sequence.prompt_features.append(output.features)
         if sequence.num_prompt_read < len(sequence.prompt_tokens):
             return
+        grammar = sequence.grammar
         token = choose_token(output.last_logits, sequence.params, sequence.token_counts,
-                             sequence.rng)
+                             sequence.rng, None if grammar is None else grammar.allowed())
+        if grammar is not None and not self.tokenizer.is_end_of_generation(token):
+            grammar.consume(token)
         sequence.record_step(num_drafted=0, num_accepted=0)
         sequence.root_token = token
         sequence.add_token(token, self.tokenizer, output.last_logits)
@@ -310,28 +318,6 @@ class Engine:
             sequence.prompt_features.clear()
             self.counters.draft_start_seconds += time.perf_counter() - started
 
-    @staticmethod
-    def _accept(sequence: Sequence, tree: DraftTree, output: TreeOutput) -> Acceptance:
-        """The path the target takes through the tree, and its bonus token."""
-        params = sequence.params
-
-        def processed_logits(node: int) -> np.ndarray:
-            counts = sequence.token_counts
-            if params.needs_adjustment:
-                counts = Counter(counts)
-                ancestor = node
-                while ancestor > 0:  # penalties see the tokens this node's path adds
-                    counts[tree.tokens[ancestor]] += 1
-                    ancestor = tree.parents[ancestor]
-            return adjust_logits(output.logits[node], params, counts)
-
-        if params.is_greedy:
-            return accept_greedy(tree.tokens, tree.parents,
-                                 lambda node: int(np.argmax(processed_logits(node))))
-        return accept_sampled(tree.tokens, tree.parents,
-                              lambda node: target_probs(processed_logits(node), params),
-                              sequence.rng)
-
     def _commit(self, sequence: Sequence, tree: DraftTree, output: TreeOutput,
                 acceptance: Acceptance) -> None:
         """Keep the accepted path on both sides, record the new tokens."""
@@ -346,13 +332,18 @@ class Engine:
         sequence.record_step(num_drafted=tree.num_drafted, num_accepted=acceptance.num_accepted)
         self.counters.add_step(tree.num_drafted, acceptance.num_accepted,
                                sequence.draft_seconds)
+        # the forced chain is nodes 1..k: the accepted path runs along it first
+        forced = sum(1 for node in acceptance.path[1:] if node <= sequence.forced_in_tree)
+        sequence.forced_in_tree = 0
+        sequence.num_forced += forced
+        self.counters.forced_tokens += forced
         sequence.root_token = acceptance.bonus_token
         for node, token in zip(acceptance.path, new_tokens, strict=True):  # chosen at node
             sequence.add_token(token, self.tokenizer, output.logits[node])
             if sequence.is_finished:
                 break
-        if budget is not None:
-            budget.observe(sequence, tree, acceptance.num_accepted)
+        if budget is not None:  # judged on what the proposers drafted
+            budget.observe(sequence, tree, acceptance.num_accepted - forced)
 
     def _guarded(self, work, sequence: Sequence, *args):
         """A failure in one sequence ends that sequence with an error, not the engine;

@@ -19,6 +19,7 @@ import numpy as np
 from server.engine.logprobs import TokenLogprob, token_logprob
 from server.engine.stops import StopMatcher
 from server.speculation.choice import Mode
+from verifier.grammar import Grammar
 from verifier.sampling import SamplingParams
 from verifier.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -31,6 +32,7 @@ class Usage:
     drafted_tokens: int = 0
     accepted_tokens: int = 0  # drafted tokens the target accepted (bonus tokens excluded)
     chosen_tokens: int = 0  # tokens the target chose: the completion and an ending EOS
+    forced_tokens: int = 0  # accepted tokens that a grammar forced (not drafted by a model)
 
     def as_dict(self) -> dict:
         return {
@@ -44,7 +46,8 @@ class Usage:
         ending EOS counts, as its step was spent choosing it."""
         tau = self.chosen_tokens / self.verify_steps if self.verify_steps else 0.0
         return {"verify_steps": self.verify_steps, "drafted_tokens": self.drafted_tokens,
-                "accepted_tokens": self.accepted_tokens, "mean_accepted_length": round(tau, 4)}
+                "accepted_tokens": self.accepted_tokens, "forced_tokens": self.forced_tokens,
+                "mean_accepted_length": round(tau, 4)}
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Sequence:
     request_id: str = ""
     logprobs: int | None = None  # with `logprobs`: how many top alternatives per token
     prompt_logprobs: bool = False  # the prompt tokens' logprobs too (needs `logprobs`)
+    grammar: Grammar | None = None  # structured output: the state after the emitted tokens
 
     slot: int | None = None
     root_token: int | None = None  # chosen and emitted, not yet in the target's KV
@@ -82,6 +86,8 @@ class Sequence:
     num_drafted: int = 0
     num_accepted: int = 0
     num_chosen: int = 0  # tokens the target chose and the sequence took in (EOS included)
+    num_forced: int = 0  # of the accepted drafted tokens, those a grammar forced
+    forced_in_tree: int = 0  # this step's tree: nodes 1..forced_in_tree are forced tokens
     accepted_lengths: list[int] = field(default_factory=list)  # per step that drafted
     cancelled: threading.Event = field(default_factory=threading.Event)
     deadline: float | None = None  # time.monotonic() after which the engine ends it
@@ -197,7 +203,7 @@ class Sequence:
         if not self.is_finished:
             return SequenceEvent(text=text, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         usage = Usage(len(self.prompt_tokens), len(self.output_tokens), self.num_verify_steps,
-                      self.num_drafted, self.num_accepted, self.num_chosen)
+                      self.num_drafted, self.num_accepted, self.num_chosen, self.num_forced)
         return SequenceEvent(text=text, finish_reason=self.finish_reason, usage=usage,
                              error=self._error, logprobs=logprobs,
                              prompt_logprobs=prompt_logprobs)
