@@ -18,6 +18,7 @@ paths against the state without consuming them.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import llguidance
 import llguidance.llamacpp
@@ -45,8 +46,10 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.vocab_size = tokenizer.vocab_size
         # every end-of-generation token ends a grammar that is complete
-        self._tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(
-            tokenizer.vocab, eos_token=sorted(tokenizer.end_of_generation_ids))
+        with warnings.catch_warnings():  # it reads token attributes by a deprecated name
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(
+                tokenizer.vocab, eos_token=sorted(tokenizer.end_of_generation_ids))
         self._lock = threading.Lock()
 
     def json_schema(self, schema: dict) -> str:
