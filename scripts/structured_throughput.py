@@ -16,6 +16,7 @@ and how many equal the constrained-plain reply (the same tokens: exactness). The
 target is constrained speculation at ≥ 1.3x constrained plain decoding (total tok/s).
 
   python scripts/structured_throughput.py --out docs/structured_throughput
+  python scripts/structured_throughput.py --f16 --out docs/structured_throughput_f16
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from tqdm import tqdm
 
 from server.local_server import LocalServer
 from verifier.default_model import default_model_path
+from verifier.gguf_convert import write_f16_copy
 from verifier.machine import describe_cpu, physical_cores
 
 CASES = Path(__file__).resolve().parent / "data" / "extraction_prompts.json"
@@ -45,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="GGUF (default: the packaged "
                         "SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--f16", action="store_true",
+                        help="serve an F16 copy of the model (written to a temporary folder)")
     parser.add_argument("--count", type=int, default=20, help="cases (of 20)")
     parser.add_argument("--max-tokens", type=int, default=400)
     parser.add_argument("--threads", type=int, default=physical_cores())
@@ -156,6 +161,14 @@ def write_report(report: dict, out: Path) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     model = args.model or default_model_path()
+    if not args.f16:
+        run(args, model)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        run(args, write_f16_copy(model, Path(folder) / (model.stem + "-f16.gguf")))
+
+
+def run(args: argparse.Namespace, model: Path) -> None:
     cases = json.loads(CASES.read_text())[: args.count]
     systems = [ServerSystem(name, model, args.threads) for name in args.systems]
     rows: dict[str, list[dict]] = {system.name: [] for system in systems}
