@@ -265,7 +265,8 @@ async def _collect(engine: Engine, sequence: Sequence, events: asyncio.Queue,
         text += tools.flush()
         calls = [call.as_dict() for call in tools.calls]
     return JSONResponse(fmt.full(text, event.finish_reason, event.usage, logprobs,
-                                 prompt_logprobs, calls))
+                                 prompt_logprobs, calls,
+                                 made_calls=tools is not None and tools.made_calls))
 
 
 async def _cancel_on_disconnect(engine: Engine, sequence: Sequence, request: Request) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from itertools import chain
+from typing import Any
 
-from server.constraints.requests import offers_tools
-from server.constraints.tools import call_text, response_text, tools_system_text
+from server.chat_messages import template_input
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from verifier.chat_template import ChatTemplateError
@@ -21,12 +22,10 @@ def chat_prompt_tokens(target: Target, request: ChatCompletionRequest) -> list[i
     if target.chat_template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
     tokenizer = target.tokenizer
-    turns = conversation(request)
-    contents, literals = _mask_special_text(tokenizer, [content for _, content in turns])
-    messages = [{"role": role, "content": content}
-                for (role, _), content in zip(turns, contents, strict=True)]
+    messages, tools = template_input(request, target.chat_template.knows_tools)
+    (messages, tools), literals = _mask_special_text(tokenizer, (messages, tools))
     try:
-        text = target.chat_template.render(messages, add_generation_prompt=True)
+        text = target.chat_template.render(messages, add_generation_prompt=True, tools=tools)
     except ChatTemplateError as error:
         raise APIError(400, f"the chat template rejected the messages: {error}",
                        "messages") from error
@@ -38,53 +37,49 @@ def chat_prompt_tokens(target: Target, request: ChatCompletionRequest) -> list[i
     return tokenizer.encode_with_literals(text, literals, add_bos=add_bos)
 
 
-def conversation(request: ChatCompletionRequest) -> list[tuple[str, str]]:
-    """The messages as (role, text) turns for the template. With tools (docs/api.md): their
-    list joins the system turn, an assistant's calls are written as the model writes them,
-    and tool results go back in a user turn (consecutive ones together)."""
-    turns: list[tuple[str, str]] = []
-    after_tool = False
-    for message in request.messages:
-        role, text = "system" if message.role == "developer" else message.role, message.text
-        if message.tool_calls:
-            calls = [call_text(call.function.name, call.function.arguments)
-                     for call in message.tool_calls]
-            text = "\n".join([text, *calls] if text else calls)
-        if role == "tool":
-            role, text = "user", response_text(text)
-            if after_tool:
-                text = turns.pop()[1] + "\n" + text
-        after_tool = message.role == "tool"
-        turns.append((role, text))
-    if offers_tools(request):
-        listing = tools_system_text([tool.model_dump(exclude_none=True, by_alias=True)
-                                     for tool in request.tools])
-        if turns[0][0] == "system":
-            turns[0] = ("system", turns[0][1] + "\n\n" + listing)
-        else:
-            turns.insert(0, ("system", listing))
-    return turns
-
-
 _PRIVATE_USE = (range(0xE000, 0xF900), range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE))
 
 
-def _mask_special_text(tokenizer: Tokenizer,
-                       contents: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Each special token's text in the contents → a private-use character absent from them;
-    returns the masked contents and {character: the text it stands for}."""
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a structure of dicts, lists and tuples (keys included)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
+
+
+def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {change(key): _map_strings(item, change) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_map_strings(item, change) for item in value)
+    return value
+
+
+def _mask_special_text(tokenizer: Tokenizer, value: Any) -> tuple[Any, dict[str, str]]:
+    """Each special token's text in the value's strings (messages, tools) → a private-use
+    character absent from them; returns the masked value and {character: the text it
+    stands for}."""
     pattern = tokenizer.special_text
+    contents = list(_strings(value))
     found = sorted({text for content in contents for text in pattern.findall(content)}) \
         if pattern else []
     if not found:
-        return contents, {}
+        return value, {}
     used = set().union(*contents)
     free = (chr(code) for code in chain(*_PRIVATE_USE) if chr(code) not in used)
     marks = {text: next(free, None) for text in found}
     if None in marks.values():
         raise APIError(400, "the messages hold special-token text and use every private-use "
                             "character, which masking it needs", "messages")
-    masked = [pattern.sub(lambda match: marks[match.group()], content) for content in contents]
+    masked = _map_strings(value, lambda text: pattern.sub(lambda m: marks[m.group()], text))
     return masked, {mark: text for text, mark in marks.items()}
 
 

@@ -64,9 +64,10 @@ class ResponseFormat:
     def full(self, text: str, finish_reason: str, usage: Usage,
              logprobs: Sequence[TokenLogprob] = (),
              prompt_logprobs: Sequence[TokenLogprob] = (),
-             tool_calls: Sequence[dict] = ()) -> dict:
-        """tool_calls: the reply's calls (then `content` is null unless text came first)."""
-        finish_reason = public_finish_reason(finish_reason, bool(tool_calls))
+             tool_calls: Sequence[dict] = (), made_calls: bool = False) -> dict:
+        """tool_calls: the reply's calls (then `content` is null unless text came first);
+        made_calls: they are complete ("tool_calls" instead of "stop")."""
+        finish_reason = public_finish_reason(finish_reason, made_calls)
         logprobs_body = self._logprobs(logprobs, prompt_logprobs)
         if self.kind == "chat":
             message: dict = {"role": "assistant", "content": text}

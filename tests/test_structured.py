@@ -183,6 +183,15 @@ def test_tool_calls_stream_in_pieces_that_add_up_to_the_whole(step):
     assert json.loads(parser.calls[0].arguments)["city"] == 'Pa}r"is'
 
 
+def test_only_complete_calls_count_as_made():
+    parser = ToolCallParser(may_answer=False)
+    cut = CALLS.index('"days"')
+    parser.push(CALLS[:cut])
+    assert parser.calls and not parser.made_calls  # a stop string or a limit cut it here
+    parser.push(CALLS[cut:])
+    assert parser.made_calls and len(parser.calls) == 2
+
+
 @pytest.mark.parametrize("text", ["<tool is not a call", "Hello <tool_call>", "<tool"])
 def test_an_answer_that_only_begins_like_a_call_is_content(text):
     content, calls = streamed(ToolCallParser(may_answer=True), text, 1)

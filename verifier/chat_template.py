@@ -35,17 +35,22 @@ class ChatTemplate:
         )
         environment.filters["tojson"] = _tojson
         self._template = environment.from_string(source)
+        # it lists tools itself (Transformers passes them as `tools`)
+        self.knows_tools = "tools" in source
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """messages: [{"role": ..., "content": ...}] → the prompt text."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> str:
+        """messages: [{"role": ..., "content": ...}] (and, for a template that knows tools,
+        `tool_calls` and `tool_call_id` as Transformers passes them) → the prompt text."""
         try:
             return self._template.render(
                 messages=messages,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
                 add_generation_prompt=add_generation_prompt,
+                tools=tools,
                 raise_exception=_raise_exception,
                 strftime_now=lambda fmt: datetime.now().strftime(fmt),
             )

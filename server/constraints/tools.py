@@ -112,7 +112,9 @@ class ToolCallParser:
 
     @property
     def made_calls(self) -> bool:
-        return bool(self.calls)
+        """Whether the reply is complete calls (not cut in one by a stop string or a limit:
+        `finish_reason` is then that cut's, and the last call's arguments are partial)."""
+        return bool(self.calls) and self._part == "header"
 
     def push(self, text: str) -> tuple[str, list[dict]]:
         self._text += text
