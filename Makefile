@@ -11,7 +11,7 @@ ifneq ($(DOVETAIL_KERNELS),fast)
 export CMAKE_ARGS := $(CMAKE_ARGS) -DGGML_LLAMAFILE=OFF
 endif
 
-.PHONY: setup serve test lint
+.PHONY: setup serve test lint browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ setup: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/dovetail serve $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The chat page's test drives Debian's chromium (through Playwright; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+		|| echo "chromium is missing (apt-get install chromium): tests/test_chat_page.py will fail"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

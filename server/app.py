@@ -10,11 +10,13 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
-from server.builder import build_engine
+from server.builder import build_engine, draft_label
 from server.constraints.requests import Structure, request_structure
 from server.constraints.tools import ToolCallParser
 from server.engine import Engine
@@ -46,6 +48,7 @@ log = logging.getLogger("dovetail.server")
 
 DISCONNECT_POLL_SECONDS = 0.25
 MAX_BODY_BYTES = 8 * 2**20  # far beyond any context; refused before it is read or tokenized
+PAGE = Path(__file__).resolve().parent / "static"  # the chat page: plain files, no build step
 
 
 def create_app(settings: Settings,
@@ -93,6 +96,13 @@ def create_app(settings: Settings,
                            headers={"Retry-After": "1"})
         return engine
 
+    app.mount("/static", StaticFiles(directory=PAGE), name="static")
+    served = {"draft": draft_label(settings), "threads": settings.num_threads}
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(PAGE / "index.html")
+
     @app.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
@@ -107,7 +117,7 @@ def create_app(settings: Settings,
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ok", "active_requests": engine.num_active,
                              "waiting_requests": engine.num_waiting,
-                             "free_slots": engine.target.num_free_slots,
+                             "free_slots": engine.target.num_free_slots, **served,
                              **exactness(engine.target.chains_only,
                                          engine.target.config.flash_attn)})
 
@@ -135,7 +145,8 @@ def create_app(settings: Settings,
                                    else "max_tokens")
         structure = request_structure(engine.tokenizer, body)
         fmt = ResponseFormat("chat", model_name, include_usage=body.include_usage,
-                             top_logprobs=requested_logprobs(body))
+                             top_logprobs=requested_logprobs(body),
+                             include_speculation=body.include_speculation)
         return await _generate(engine, request, body, prompt, budget, fmt, prefix="",
                                timeout=settings.request_timeout, structure=structure)
 
@@ -153,7 +164,8 @@ def create_app(settings: Settings,
         structure = request_structure(engine.tokenizer, body)
         fmt = ResponseFormat("text", model_name, include_usage=body.include_usage,
                              top_logprobs=top_logprobs, prefix_length=len(prefix),
-                             prompt_logprobs=body.echo and top_logprobs is not None)
+                             prompt_logprobs=body.echo and top_logprobs is not None,
+                             include_speculation=body.include_speculation)
         return await _generate(engine, request, body, prompt, budget, fmt, prefix,
                                timeout=settings.request_timeout, structure=structure)
 
@@ -221,6 +233,7 @@ async def _generate(engine: Engine, request: Request, body: SamplingFields,
         prompt_logprobs=fmt.prompt_logprobs,
         deadline=clock.arrival + timeout if timeout else None,
         grammar=structure.grammar,
+        track_sources=fmt.include_speculation,
     )
     engine.submit(sequence)
     tools = structure.tool_parser()
@@ -298,9 +311,14 @@ async def _stream(engine: Engine, sequence: Sequence, events: asyncio.Queue,
                 text, deltas = tools.push(text)
                 if event.finish_reason is not None:
                     text += tools.flush()
-            if text or event.logprobs or event.prompt_logprobs:
+            # (the last event's speculation goes with the finish chunk if it has no text)
+            views = (event.sources, event.steps)
+            if text or event.logprobs or event.prompt_logprobs or (
+                    any(views) and event.finish_reason is None):
                 yield fmt.chunk(text, logprobs=event.logprobs,
-                                prompt_logprobs=event.prompt_logprobs)
+                                prompt_logprobs=event.prompt_logprobs, sources=views[0],
+                                steps=views[1])
+                views = ((), ())
             if deltas:
                 yield fmt.tool_calls_chunk(deltas)
             if event.finish_reason is None:
@@ -311,7 +329,8 @@ async def _stream(engine: Engine, sequence: Sequence, events: asyncio.Queue,
                 yield sse(error_body(REJECTED.status, REJECTED.message))
             else:
                 yield fmt.chunk("", finish_reason=event.finish_reason,
-                                made_calls=tools is not None and tools.made_calls)
+                                made_calls=tools is not None and tools.made_calls,
+                                sources=views[0], steps=views[1])
                 if fmt.include_usage:
                     yield fmt.usage_chunk(event.usage)
             status = "error" if event.error is not None else event.finish_reason

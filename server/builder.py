@@ -49,6 +49,14 @@ def draft_source(settings: Settings) -> Path | str | None:
     return Path(settings.draft)
 
 
+def draft_label(settings: Settings) -> str:
+    """What /health calls the server's proposer: none, lookup, shipped or a folder's name."""
+    source = draft_source(settings)
+    if source is None or source == NGRAM:
+        return "none" if source is None else "lookup"
+    return "shipped" if source == SHIPPED_DRAFT else Path(source).name
+
+
 def _is_default_model(model_path: Path) -> bool:
     """The packaged default target (the shipped draft's own), known without reading its
     metadata."""

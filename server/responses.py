@@ -31,6 +31,7 @@ class ResponseFormat:
     top_logprobs: int | None = None  # with `logprobs`: top alternatives per token
     prefix_length: int = 0  # an echoed prompt's characters (text offsets count from 0)
     prompt_logprobs: bool = False  # with echo: the prompt tokens' logprobs come first
+    include_speculation: bool = False  # streams only: chunks carry a `speculation` object
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -86,16 +87,23 @@ class ResponseFormat:
 
     def chunk(self, text: str, finish_reason: str | None = None, is_first: bool = False,
               logprobs: Sequence[TokenLogprob] = (),
-              prompt_logprobs: Sequence[TokenLogprob] = (), made_calls: bool = False) -> str:
+              prompt_logprobs: Sequence[TokenLogprob] = (), made_calls: bool = False,
+              sources: Sequence[tuple[str, str]] = (), steps: Sequence[int] = ()) -> str:
         """A stream chunk; a text chunk carries the logprobs of the tokens whose text begins
-        in it (when asked for)."""
-        if finish_reason is None and not is_first and self.top_logprobs is None:
+        in it (when asked for), and with `include_speculation` those tokens' texts and
+        sources and the tokens per verification step since the last chunk."""
+        plain = self.top_logprobs is None and not self.include_speculation
+        if finish_reason is None and not is_first and plain:
             head, tail = self._text_chunk_parts
             return head + encode_text(text) + tail
         body = self._chunk_body(text, public_finish_reason(finish_reason, made_calls),
                                 is_first)
-        if finish_reason is None and not is_first:
+        if finish_reason is None and not is_first and self.top_logprobs is not None:
             body["choices"][0]["logprobs"] = self._logprobs(logprobs, prompt_logprobs)
+        if self.include_speculation and not is_first:
+            body["speculation"] = {
+                "tokens": [{"text": piece, "source": source} for piece, source in sources],
+                "steps": list(steps)}
         return sse(body)
 
     def _chunk_body(self, text: str, finish_reason: str | None, is_first: bool) -> dict:

@@ -154,6 +154,8 @@ MAX_TOOLS = 128
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # Dovetail's extension (the chat page): each chunk says where its tokens came from
+    include_speculation: bool = False
 
 
 class SamplingFields(_Strict):
@@ -184,6 +186,11 @@ class SamplingFields(_Strict):
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def include_speculation(self) -> bool:
+        return self.stream and self.stream_options is not None and \
+            self.stream_options.include_speculation
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -107,6 +107,22 @@ def test_seeded_constrained_sampling_with_lookup_equals_plain_sampling(target, c
         jsonschema.validate(json.loads(text), case["schema"])
 
 
+def test_events_say_where_each_token_came_from(target, compiler):
+    """The chat page's view: forced, drafted (lookup) and the target's own tokens, whose
+    texts add up to the reply; tokens per step add up to the tokens chosen."""
+    events = []
+    sequence = constrained(target, compiler, TEN_SHAPES[:1], GREEDY)[0]
+    sequence.track_sources, sequence.sink = True, events.append
+    run(Engine(target, NgramProposer(max_tokens=7)), [sequence])
+    sources = [source for event in events for _, source in event.sources]
+    assert "".join(event.text for event in events) == \
+        "".join(piece for event in events for piece, _ in event.sources)
+    assert sources.count("forced") == sequence.num_forced > 0
+    assert sources.count("target") == sequence.num_verify_steps - 1  # the last chose EOS
+    assert set(sources) <= {"forced", "lookup", "target"}
+    assert sum(n for event in events for n in event.steps) == sequence.num_chosen
+
+
 def test_the_tree_gets_the_forced_chain_first_and_loses_forbidden_branches(target, compiler):
     schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
               "required": ["answer"], "additionalProperties": False}

@@ -333,13 +333,15 @@ class Engine:
         self.counters.add_step(tree.num_drafted, acceptance.num_accepted,
                                sequence.draft_seconds)
         # the forced chain is nodes 1..k: the accepted path runs along it first
-        forced = sum(1 for node in acceptance.path[1:] if node <= sequence.forced_in_tree)
+        sources = ["forced" if node <= sequence.forced_in_tree else proposer.source
+                   for node in acceptance.path[1:]] + ["target"]
+        forced = sources.count("forced")
         sequence.forced_in_tree = 0
         sequence.num_forced += forced
         self.counters.forced_tokens += forced
         sequence.root_token = acceptance.bonus_token
-        for node, token in zip(acceptance.path, new_tokens, strict=True):  # chosen at node
-            sequence.add_token(token, self.tokenizer, output.logits[node])
+        for node, token, source in zip(acceptance.path, new_tokens, sources, strict=True):
+            sequence.add_token(token, self.tokenizer, output.logits[node], source)  # chosen at node
             if sequence.is_finished:
                 break
         if budget is not None:  # judged on what the proposers drafted

@@ -61,6 +61,10 @@ class SequenceEvent:
     usage: Usage | None = None
     error: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # for the tokens whose text begins in this event
+    # with `track_sources`: (text, source) of those tokens, and tokens per verification step
+    # of the steps since the last event
+    sources: tuple[tuple[str, str], ...] = ()
+    steps: tuple[int, ...] = ()
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # the prompt's, if asked (first event)
 
 
@@ -75,6 +79,7 @@ class Sequence:
     logprobs: int | None = None  # with `logprobs`: how many top alternatives per token
     prompt_logprobs: bool = False  # the prompt tokens' logprobs too (needs `logprobs`)
     grammar: Grammar | None = None  # structured output: the state after the emitted tokens
+    track_sources: bool = False  # events say where each token came from (the chat page)
 
     slot: int | None = None
     root_token: int | None = None  # chosen and emitted, not yet in the target's KV
@@ -114,6 +119,9 @@ class Sequence:
         self._emitted_length = 0  # of which emitted
         self._held_logprobs: deque[TokenLogprob] = deque()
         self._pending_logprobs: list[TokenLogprob] = []
+        self._held_sources: deque[tuple[int, str, str]] = deque()  # (offset, text, source)
+        self._pending_sources: list[tuple[str, str]] = []
+        self._pending_steps: list[int] = []
         self._prompt_logprobs: list[TokenLogprob] = []
         self._prompt_text: IncrementalDetokenizer | None = None
         self._prompt_text_length = 0
@@ -127,6 +135,8 @@ class Sequence:
         self.num_verify_steps += 1
         self.num_drafted += num_drafted
         self.num_accepted += num_accepted
+        if self.track_sources:
+            self._pending_steps.append(num_accepted + 1)
         if num_drafted:
             self.accepted_lengths.append(num_accepted)
 
@@ -145,9 +155,11 @@ class Sequence:
             self._prompt_text_length += len(self._prompt_text.push(token))
         self._prompt_row = logits[-1]
 
-    def add_token(self, token: int, tokenizer: Tokenizer, logits: np.ndarray) -> None:
+    def add_token(self, token: int, tokenizer: Tokenizer, logits: np.ndarray,
+                  source: str = "target") -> None:
         """Record one token chosen by the target (from these raw logits); decides whether
-        the sequence ends."""
+        the sequence ends. source: where it came from — "target" (its own choice), "draft",
+        "lookup" or "forced" (drafted or forced, and accepted)."""
         self.num_chosen += 1
         if tokenizer.is_end_of_generation(token):
             self.finish("stop")
@@ -160,6 +172,8 @@ class Sequence:
         if self.logprobs is not None:
             self._held_logprobs.append(
                 token_logprob(logits, token, self.logprobs, self._text_length, tokenizer))
+        if self.track_sources:
+            self._held_sources.append((self._text_length, piece, source))
         self._text_length += len(piece)
         text, hit_stop = self._stops.push(piece)
         self._emit(text)
@@ -182,6 +196,8 @@ class Sequence:
             if not hit_stop:  # what is left wrote nothing (e.g. a control token): it goes too
                 self._pending_logprobs.extend(self._held_logprobs)
                 self._held_logprobs.clear()
+                self._pending_sources.extend((t, s) for _, t, s in self._held_sources)
+                self._held_sources.clear()
         self.finish_reason = reason
 
     def _emit(self, text: str) -> None:
@@ -190,6 +206,10 @@ class Sequence:
         held = self._held_logprobs
         while held and held[0].offset < self._emitted_length:
             self._pending_logprobs.append(held.popleft())
+        sources = self._held_sources
+        while sources and sources[0][0] < self._emitted_length:
+            _, piece, source = sources.popleft()
+            self._pending_sources.append((piece, source))
 
     def take_event(self) -> SequenceEvent | None:
         """The text produced since the last event (and the end, if reached), or None."""
@@ -198,12 +218,16 @@ class Sequence:
         if not self.is_finished and not text:
             return None
         logprobs, prompt_logprobs = tuple(self._pending_logprobs), tuple(self._prompt_logprobs)
+        sources, steps = tuple(self._pending_sources), tuple(self._pending_steps)
         self._pending_logprobs.clear()
         self._prompt_logprobs.clear()
+        self._pending_sources.clear()
+        self._pending_steps.clear()
         if not self.is_finished:
-            return SequenceEvent(text=text, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            return SequenceEvent(text=text, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                 sources=sources, steps=steps)
         usage = Usage(len(self.prompt_tokens), len(self.output_tokens), self.num_verify_steps,
                       self.num_drafted, self.num_accepted, self.num_chosen, self.num_forced)
         return SequenceEvent(text=text, finish_reason=self.finish_reason, usage=usage,
                              error=self._error, logprobs=logprobs,
-                             prompt_logprobs=prompt_logprobs)
+                             prompt_logprobs=prompt_logprobs, sources=sources, steps=steps)

@@ -54,6 +54,7 @@ class DraftProposer:
     on."""
 
     uses_features = True
+    source = "draft"  # what the chat page calls its tokens
 
     def __init__(self, model: DraftModel, shape: TreeShape) -> None:
         self.model = model.eval()

@@ -34,6 +34,7 @@ class HybridState:
 
 class HybridProposer:
     uses_features = True
+    source = "draft"  # (its lookup chain is merged into the draft's tree)
 
     def __init__(self, draft: DraftProposer, lookup: NgramProposer) -> None:
         self.draft = draft

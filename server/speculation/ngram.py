@@ -36,6 +36,7 @@ class NgramProposer:
     read."""
 
     uses_features = False
+    source = "lookup"
 
     def __init__(self, max_ngram: int = 5, min_ngram: int = 1, max_tokens: int = 8,
                  shared: SharedNgrams | None = None) -> None:

@@ -23,6 +23,7 @@ from server.speculation.tree import DraftTree
 class Proposer(Protocol):
     # whether it reads the target's features: its requests' prompts are read with them
     uses_features: bool
+    source: str  # the name of its accepted tokens' origin: "draft" or "lookup"
 
     def new_state(self, capacity: int, key: int | None = None) -> Any:
         """The state of one sequence of up to `capacity` tokens in target slot `key`."""
