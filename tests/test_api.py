@@ -240,7 +240,8 @@ def test_plain_decoding_reports_speculative_counters(server):
     reply = httpx.post(server.v1 + "/chat/completions", json=body, headers=server.headers,
                        timeout=60).json()
     assert reply["speculative"] == {"verify_steps": 10, "drafted_tokens": 0,
-                                    "accepted_tokens": 0, "mean_accepted_length": 1.0}
+                                    "accepted_tokens": 0, "forced_tokens": 0,
+                                    "mean_accepted_length": 1.0}
     body.update(stream=True, stream_options={"include_usage": True})
     with httpx.stream("POST", server.v1 + "/chat/completions", json=body,
                       headers=server.headers, timeout=60) as response:
