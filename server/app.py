@@ -143,7 +143,8 @@ def create_app(settings: Settings,
         budget = completion_budget(len(prompt), body.max_new_tokens, settings.ctx_size,
                                    "max_completion_tokens" if body.max_completion_tokens
                                    else "max_tokens")
-        structure = request_structure(engine.tokenizer, body)
+        # (a large schema compiles for a while: off the event loop)
+        structure = await asyncio.to_thread(request_structure, engine.tokenizer, body)
         fmt = ResponseFormat("chat", model_name, include_usage=body.include_usage,
                              top_logprobs=requested_logprobs(body),
                              include_speculation=body.include_speculation)
@@ -161,7 +162,8 @@ def create_app(settings: Settings,
             prefix = body.prompt if isinstance(body.prompt, str) else \
                 engine.tokenizer.decode(list(body.prompt))
         top_logprobs = requested_logprobs(body)
-        structure = request_structure(engine.tokenizer, body)
+        # (a large schema compiles for a while: off the event loop)
+        structure = await asyncio.to_thread(request_structure, engine.tokenizer, body)
         fmt = ResponseFormat("text", model_name, include_usage=body.include_usage,
                              top_logprobs=top_logprobs, prefix_length=len(prefix),
                              prompt_logprobs=body.echo and top_logprobs is not None,
