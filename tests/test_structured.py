@@ -140,6 +140,11 @@ def test_the_tree_gets_the_forced_chain_first_and_loses_forbidden_branches(targe
     assert hello not in cut.tokens  # off the forced text, or not JSON at all
     # the state did not move: the same forced text is still ahead
     assert grammar.forced_tokens() == forced
+    assert cut.origins is None  # a tree without origins (one proposer's) keeps none
+    labelled = DraftTree(tree.tokens, tree.parents, tree.depths, tree.draft_probs,
+                         ["root", "draft", "lookup", "draft", "lookup", "draft"])
+    origins = constrain_tree(labelled, grammar, max_nodes=16)[0].origins
+    assert origins[: 1 + num_forced] == ["root"] + ["forced"] * num_forced
     small, num_forced = constrain_tree(tree, grammar, max_nodes=2)
     assert len(small.tokens) == 2 and num_forced == 1
 

@@ -108,6 +108,9 @@ def test_a_grafted_chain_shares_tokens_and_competes_by_score():
     np.testing.assert_allclose(tree.path_probs(), [1.0, 0.9, 0.8, 0.7])
     assert sum(1 for p, t in zip(builder.parents, builder.tokens, strict=True)
                if p == 0 and t == 2) == 1  # shared, not duplicated
+    # which proposer made each node: shared ones are the draft's, the chain's new one lookup's
+    assert tree.origins == ["root", "draft", "draft", "lookup"]
+    assert tree.best_chain().origins == tree.origins and tree.best(2).origins == ["root", "draft"]
 
     # an unlikely chain takes no room from the draft's better candidates
     builder = TreeBuilder(root_token=0, top_k=2, total_tokens=3)

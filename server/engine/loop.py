@@ -333,7 +333,8 @@ class Engine:
         self.counters.add_step(tree.num_drafted, acceptance.num_accepted,
                                sequence.draft_seconds)
         # the forced chain is nodes 1..k: the accepted path runs along it first
-        sources = ["forced" if node <= sequence.forced_in_tree else proposer.source
+        sources = ["forced" if node <= sequence.forced_in_tree
+                   else tree.origin(node) or proposer.source
                    for node in acceptance.path[1:]] + ["target"]
         forced = sources.count("forced")
         sequence.forced_in_tree = 0

@@ -36,6 +36,7 @@ def constrain_tree(tree: DraftTree, grammar: Grammar, max_nodes: int) -> tuple[D
     if not forced and all(path is not None for path in paths):
         return tree, 0
     tokens, parents, depths, probs = [tree.tokens[0]], [-1], [0], [1.0]
+    origins = ["root"] + ["forced"] * len(forced)
     for depth, token in enumerate(forced, start=1):
         tokens.append(token)
         parents.append(depth - 1)
@@ -57,4 +58,6 @@ def constrain_tree(tree: DraftTree, grammar: Grammar, max_nodes: int) -> tuple[D
         parents.append(index[tree.parents[node]])
         depths.append(len(path))
         probs.append(tree.draft_probs[node])
-    return DraftTree(tokens, parents, depths, probs), len(forced)
+        origins.append(tree.origin(node) or "")
+    return DraftTree(tokens, parents, depths, probs,
+                     origins if tree.origins is not None else None), len(forced)

@@ -25,6 +25,11 @@ class DraftTree:
     parents: list[int]  # -1 for the root
     depths: list[int]  # root: 0
     draft_probs: list[float]  # root: 1.0
+    # per node, which proposer made it where several did ("draft", "lookup"); None: the one
+    origins: list[str] | None = None
+
+    def origin(self, node: int) -> str | None:
+        return None if self.origins is None else self.origins[node]
 
     @classmethod
     def root_only(cls, token: int) -> DraftTree:
@@ -58,7 +63,8 @@ class DraftTree:
         return DraftTree(tokens=[self.tokens[i] for i in kept],
                          parents=[index[self.parents[i]] if i else -1 for i in kept],
                          depths=[self.depths[i] for i in kept],
-                         draft_probs=[self.draft_probs[i] for i in kept])
+                         draft_probs=[self.draft_probs[i] for i in kept],
+                         origins=self._origins_of(kept))
 
     def best_chain(self) -> DraftTree:
         """The root→leaf path with the most expected accepted tokens (the sum of its nodes'
@@ -82,7 +88,11 @@ class DraftTree:
         return DraftTree(tokens=[self.tokens[i] for i in path],
                          parents=list(range(-1, len(path) - 1)),
                          depths=list(range(len(path))),
-                         draft_probs=[self.draft_probs[i] for i in path])
+                         draft_probs=[self.draft_probs[i] for i in path],
+                         origins=self._origins_of(path))
+
+    def _origins_of(self, nodes: list[int]) -> list[str] | None:
+        return None if self.origins is None else [self.origins[i] for i in nodes]
 
     def attention_mask(self) -> np.ndarray:
         """[N, N] bool: node i sees node j iff j is i or one of its ancestors."""
@@ -107,6 +117,7 @@ class TreeBuilder:
         self.depths = [0]
         self.log_probs = [0.0]
         self.scores = [0.0]  # cumulative log-probability from the root
+        self.origins = ["root"]  # "draft" (add_level) or "lookup" (add_chain's new nodes)
 
     def add_children(self, parents: list[int], child_tokens: np.ndarray,
                      child_log_probs: np.ndarray) -> list[int]:
@@ -133,6 +144,7 @@ class TreeBuilder:
                 self.depths.append(self.depths[parent] + 1)
                 self.log_probs.append(float(log_prob))
                 self.scores.append(self.scores[parent] + float(log_prob))
+                self.origins.append("draft")
         return new_ids
 
     def add_chain(self, tokens: list[int], scores: list[float]) -> None:
@@ -150,6 +162,7 @@ class TreeBuilder:
                 self.depths.append(self.depths[node] + 1)
                 self.log_probs.append(float(score - self.scores[node]))
                 self.scores.append(float(score))
+                self.origins.append("lookup")
             else:  # shared; the chain may make this path likelier
                 self.log_probs[child] = max(self.log_probs[child],
                                             float(score - self.scores[node]))
@@ -179,4 +192,5 @@ class TreeBuilder:
             parents=[index[self.parents[i]] if i else -1 for i in order],
             depths=[self.depths[i] for i in order],
             draft_probs=[float(np.exp(self.log_probs[i])) for i in order],
+            origins=[self.origins[i] for i in order],
         )
