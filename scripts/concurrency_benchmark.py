@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from draft_model.training.humaneval import humaneval_messages, humaneval_problems
 from server.local_server import LocalServer
 from verifier.default_model import default_model_path
-from verifier.gguf_convert import write_f16_copy
+from verifier.gguf_convert import temporary_f16_copy
 from verifier.machine import describe_cpu, physical_cores
 
 
@@ -144,8 +143,7 @@ def main(argv=None) -> None:
     machine = describe_cpu()
     results = [bench_model(model, args, requests)]
     if args.f16:
-        with tempfile.TemporaryDirectory() as folder:
-            f16 = write_f16_copy(model, Path(folder) / (model.stem + "-f16.gguf"))
+        with temporary_f16_copy(model) as f16:
             results.append(bench_model(f16, args, requests))
     write_report(results, args, machine)
     print(args.out.with_suffix(".md").read_text())

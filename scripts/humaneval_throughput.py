@@ -38,7 +38,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from tqdm import tqdm
 from draft_model.training.humaneval import humaneval_messages, humaneval_problems
 from server.local_server import LocalServer
 from verifier.default_model import default_model_path
-from verifier.gguf_convert import write_f16_copy
+from verifier.gguf_convert import temporary_f16_copy
 from verifier.kernels import kernels
 from verifier.machine import describe_cpu, physical_cores
 from verifier.weight_buffers import SETTINGS, llama_weight_buffers, use_extra_buffers
@@ -379,8 +378,8 @@ def main(argv=None) -> None:
     if not args.f16:
         run(args, model)
         return
-    with tempfile.TemporaryDirectory() as folder:
-        run(args, write_f16_copy(model, Path(folder) / (model.stem + "-f16.gguf")))
+    with temporary_f16_copy(model) as f16:
+        run(args, f16)
 
 
 def run(args: argparse.Namespace, model: Path) -> None:

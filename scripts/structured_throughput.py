@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from server.local_server import LocalServer
 from verifier.default_model import default_model_path
-from verifier.gguf_convert import write_f16_copy
+from verifier.gguf_convert import temporary_f16_copy
 from verifier.machine import describe_cpu, physical_cores
 
 CASES = Path(__file__).resolve().parent / "data" / "extraction_prompts.json"
@@ -164,8 +163,8 @@ def main(argv=None) -> None:
     if not args.f16:
         run(args, model)
         return
-    with tempfile.TemporaryDirectory() as folder:
-        run(args, write_f16_copy(model, Path(folder) / (model.stem + "-f16.gguf")))
+    with temporary_f16_copy(model) as f16:
+        run(args, f16)
 
 
 def run(args: argparse.Namespace, model: Path) -> None:

@@ -314,13 +314,13 @@ async def _stream(engine: Engine, sequence: Sequence, events: asyncio.Queue,
                 if event.finish_reason is not None:
                     text += tools.flush()
             # (the last event's speculation goes with the finish chunk if it has no text)
-            views = (event.sources, event.steps)
+            sources, steps = event.sources, event.steps
             if text or event.logprobs or event.prompt_logprobs or (
-                    any(views) and event.finish_reason is None):
+                    (sources or steps) and event.finish_reason is None):
                 yield fmt.chunk(text, logprobs=event.logprobs,
-                                prompt_logprobs=event.prompt_logprobs, sources=views[0],
-                                steps=views[1])
-                views = ((), ())
+                                prompt_logprobs=event.prompt_logprobs, sources=sources,
+                                steps=steps)
+                sources, steps = (), ()
             if deltas:
                 yield fmt.tool_calls_chunk(deltas)
             if event.finish_reason is None:
@@ -332,7 +332,7 @@ async def _stream(engine: Engine, sequence: Sequence, events: asyncio.Queue,
             else:
                 yield fmt.chunk("", finish_reason=event.finish_reason,
                                 made_calls=tools is not None and tools.made_calls,
-                                sources=views[0], steps=views[1])
+                                sources=sources, steps=steps)
                 if fmt.include_usage:
                     yield fmt.usage_chunk(event.usage)
             status = "error" if event.error is not None else event.finish_reason

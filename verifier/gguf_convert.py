@@ -7,6 +7,9 @@ docs/how-it-works.md), so exactness tests compare against an F16 copy, for which
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -19,6 +22,14 @@ _ARCH_KEY = "general.architecture"
 def write_f16_copy(source: Path, destination: Path) -> Path:
     """Dequantize every tensor of `source`: matrices to F16, vectors (norms) to F32."""
     return write_unquantized_copy(source, destination, np.float16)
+
+
+@contextlib.contextmanager
+def temporary_f16_copy(source: Path) -> Iterator[Path]:
+    """An F16 copy of `source` in a temporary folder, removed afterwards (the scripts'
+    `--f16`)."""
+    with tempfile.TemporaryDirectory() as folder:
+        yield write_f16_copy(source, Path(folder) / (source.stem + "-f16.gguf"))
 
 
 def write_f32_copy(source: Path, destination: Path) -> Path:

@@ -28,8 +28,13 @@ from verifier.tokenizer import Tokenizer
 
 # One line of JSON with a space after ':' and ','; no free whitespace, which small models
 # otherwise fill by the hundred, and the fewer choices the more tokens the grammar forces.
-# A schema's own "x-guidance" options come after these.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def with_json_options(schema: dict) -> dict:
+    """The schema with the server's JSON layout (JSON_OPTIONS), unless the schema's own
+    "x-guidance" options say otherwise: for response_format and tool arguments alike."""
+    return {**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}
 
 
 class GrammarError(ValueError):
@@ -54,7 +59,7 @@ class GrammarCompiler:
 
     def json_schema(self, schema: dict) -> str:
         """A schema → llguidance grammar text (not yet checked)."""
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(with_json_options(schema))
 
     @staticmethod
     def lark(source: str) -> str:
@@ -99,8 +104,3 @@ class Grammar:
         """Tokens that follow from here whatever the model chooses (the grammar's text
         ahead, as llguidance tokenizes it); the target still verifies them."""
         return self._matcher.compute_ff_tokens()
-
-    @property
-    def is_complete(self) -> bool:
-        """Nothing but an end-of-generation token can follow."""
-        return self._matcher.is_stopped()

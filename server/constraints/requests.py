@@ -61,19 +61,18 @@ def offers_tools(body: ChatCompletionRequest) -> bool:
 
 def request_structure(tokenizer: Tokenizer,
                       body: ChatCompletionRequest | CompletionRequest) -> Structure:
-    if body.response_format is None and not ((isinstance(body, ChatCompletionRequest)
-                                             and body.tool_choice is not None)
-                                             or getattr(body, "tools", None)):
-        return Structure()  # (the common case: no vocabulary read)
-    compiler = grammar_compiler(tokenizer)
+    is_chat = isinstance(body, ChatCompletionRequest)
+    if is_chat and body.tools is None and body.tool_choice not in (None, "none", "auto"):
+        raise APIError(400, "tool_choice asks for a tool call, but the request has no tools",
+                       "tool_choice")
     schema = answer_schema(body)
+    with_tools = is_chat and offers_tools(body)
+    if schema is None and not with_tools:
+        return Structure()  # the common case, which needs no compiler
+    compiler = grammar_compiler(tokenizer)
     answer = None if schema is None else _check(
         compiler, compiler.json_schema(schema), "response_format", "the response_format schema")
-    if not isinstance(body, ChatCompletionRequest) or not offers_tools(body):
-        if isinstance(body, ChatCompletionRequest) and body.tools is None and \
-                body.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice asks for a tool call, but the request has no "
-                                "tools", "tool_choice")
+    if not with_tools:
         return Structure(answer)
     functions: dict[str, dict] = {}
     for tool in body.tools:

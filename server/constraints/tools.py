@@ -20,7 +20,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from verifier.grammar import JSON_OPTIONS
+from verifier.grammar import with_json_options
 
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 _HEADER = re.compile(r'\n?<tool_call>\n\{"name": "([A-Za-z0-9_-]+)", "arguments": ')
@@ -51,11 +51,6 @@ def response_text(content: str) -> str:
     return f"<tool_response>\n{content}\n</tool_response>"
 
 
-def _with_json_options(schema: dict) -> dict:
-    """The schema with the server's JSON layout unless the schema sets its own."""
-    return {**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}
-
-
 def tools_lark(functions: dict[str, dict], may_answer: bool, parallel: bool,
                answer_schema: dict | None = None) -> str:
     """A Lark grammar (llguidance's dialect) for the reply.
@@ -68,14 +63,14 @@ def tools_lark(functions: dict[str, dict], may_answer: bool, parallel: bool,
     for index, (name, parameters) in enumerate(functions.items()):
         head = json.dumps(f'{{"name": "{name}", "arguments": ')
         rules.append(f"fn_{index}: {head} args_{index} \"}}\"")
-        rules.append(f"args_{index}: %json {json.dumps(_with_json_options(parameters))}")
+        rules.append(f"args_{index}: %json {json.dumps(with_json_options(parameters))}")
     alternatives = " | ".join(f"fn_{index}" for index in range(len(functions)))
     calls = 'call ("\\n" call)*' if parallel else "call"
     lines = [f"start: calls{' | answer' if may_answer else ''}",
              f"calls: {calls}",
              f"call: {json.dumps(OPEN)} ({alternatives}) {json.dumps(CLOSE)}", *rules]
     if may_answer and answer_schema is not None:
-        lines.append(f"answer: %json {json.dumps(_with_json_options(answer_schema))}")
+        lines.append(f"answer: %json {json.dumps(with_json_options(answer_schema))}")
     elif may_answer:
         lines += ["answer: TEXT", "TEXT: /(?s:.+)/ & ~/<tool_call>(?s:.*)/"]
     return "\n".join(lines)
