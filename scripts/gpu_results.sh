@@ -15,7 +15,9 @@
 # throughput runs, NAME=FLAGS; default "lookup=--draft ngram": prompt lookup alone, no draft,
 # against the draft's default; empty: none), STOCK_LLAMA (a folder holding another
 # llama-cpp-python build, e.g. the stock one: the throughput runs report speedups against
-# it too). Each step's output goes to OUT/<step>.log; a
+# it too), SERIAL (one more server system, default "serial=--no-draft-ahead": the default
+# without drafting during verification; empty: none). Each step's output goes to
+# OUT/<step>.log; a
 # failing step is reported and the others still run. Needs the project importable
 # (installed, or on PYTHONPATH) and, for the tests, pytest.
 set -uo pipefail
@@ -29,6 +31,8 @@ SERVE_ARGS=${SERVE_ARGS:-}
 VARIANT_ARGS=()
 VARIANT=${VARIANT-lookup=--draft ngram}
 if [[ -n "$VARIANT" ]]; then VARIANT_ARGS=(--variant "$VARIANT"); fi
+SERIAL=${SERIAL-serial=--no-draft-ahead}
+if [[ -n "$SERIAL" ]]; then VARIANT_ARGS+=(--variant "$SERIAL"); fi
 DRAFT=shipped
 if [[ "$SERVE_ARGS" =~ --draft[=[:space:]]+([^[:space:]]+) ]]; then DRAFT=${BASH_REMATCH[1]}; fi
 MODEL_ARGS=()

@@ -151,6 +151,10 @@ class ServerSystem:
                 "drafts": grew.get("dovetail:spec_decode_num_drafts_total", 0.0),
                 "accepted_per_position": per_position, "proposer": proposer,
                 "draft_seconds": grew.get("dovetail:spec_decode_draft_seconds_total", 0.0),
+                "draft_hidden_seconds": grew.get(
+                    "dovetail:spec_decode_draft_hidden_seconds_total", 0.0),
+                "predrafts": grew.get("dovetail:spec_decode_num_predrafts_total", 0.0),
+                "predrafts_used": grew.get("dovetail:spec_decode_num_predrafts_used_total", 0.0),
                 "verify_seconds": grew.get("dovetail:spec_decode_verify_seconds_total", 0.0),
                 "prompt_seconds": grew.get("dovetail:prompt_seconds_total", 0.0),
                 "draft_start_seconds": grew.get(
@@ -293,6 +297,16 @@ def summarise(name: str, rows: list[dict], baseline: list[dict] | None,
             p: sum(r["accepted_per_position"].get(p, 0) for r in rows) / drafts
             for p in positions} if drafts else {}
         summary["draft_seconds"] = sum(r["draft_seconds"] for r in rows)
+        # drafting ahead: the draft time hidden behind verification, the rest exposed
+        hidden = sum(r.get("draft_hidden_seconds", 0.0) for r in rows)
+        summary["draft_hidden_seconds"] = hidden
+        summary["draft_exposed_seconds"] = summary["draft_seconds"] - hidden
+        summary["draft_exposed_seconds_per_step"] = \
+            summary["draft_exposed_seconds"] / steps if steps else None
+        predrafts = sum(r.get("predrafts", 0.0) for r in rows)
+        summary["predrafts"] = predrafts
+        summary["predrafts_used_share"] = \
+            sum(r.get("predrafts_used", 0.0) for r in rows) / predrafts if predrafts else None
         summary["verify_seconds"] = sum(r["verify_seconds"] for r in rows)
         # the server's share of the time to first token: the target reading the prompt,
         # then the draft taking it in (medians per request)

@@ -124,7 +124,7 @@ def build_engine(settings: Settings) -> Engine:
     shape = TreeShape(top_k=settings.draft_top_k, depth=settings.draft_depth,
                       total_tokens=settings.draft_tokens)
     log.info("draft %s on %s: %s", source, device, shape)
-    proposer = DraftProposer(model, shape)
+    proposer = DraftProposer(model, shape, pipeline=settings.draft_ahead)
     proposer.warm_up(settings.max_concurrency, settings.ctx_size + 1)  # CUDA graphs, now
     if not settings.draft_lookup:
         return Engine(target, proposer)

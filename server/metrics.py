@@ -117,8 +117,19 @@ class EngineCollector(Collector):
         for index, count in enumerate(list(counters.accepted_per_position)):
             per_position.add_metric([str(index + 1)], count)
         yield per_position
-        yield counter("spec_decode_draft_seconds", "Time spent drafting",
+        yield counter("spec_decode_draft_seconds", "Time spent drafting (hidden and exposed)",
                       counters.draft_seconds)
+        yield counter("spec_decode_draft_hidden_seconds",
+                      "Drafting ahead that ran while the target verified (off the critical "
+                      "path)", counters.draft_hidden_seconds)
+        yield counter("spec_decode_draft_exposed_seconds",
+                      "Drafting the engine waited for",
+                      counters.draft_seconds - counters.draft_hidden_seconds)
+        yield counter("spec_decode_num_predrafts",
+                      "Trees drafted ahead while the target verified", counters.predrafts)
+        yield counter("spec_decode_num_predrafts_used",
+                      "Trees drafted ahead whose guessed outcome came true",
+                      counters.predrafts_used)
         yield counter("spec_decode_verify_seconds",
                       "Time spent in target decodes that verified trees "
                       "(one decode serves all running requests)", counters.verify_seconds)

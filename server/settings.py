@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         "draft or prompt lookup alone (no features, no draft), whichever has lately served "
         "requests faster (the other every 8th request, every 32nd while it is over 1.5× "
         "slower); off: every request with the draft.")
+    draft_ahead: bool = Field(
+        True, description="With a draft model: grow the next tree, below the outcome the "
+        "draft finds likeliest, while the target verifies this one (used when the guess comes "
+        "true); the adaptive budget keeps it only while steps gain from it (a draft on the "
+        "target's CPU competes for its cores). Off: draft and verify in turn.")
     lookup_shared: bool = Field(
         True, description="Prompt lookup also searches the texts (prompt and output) of "
         "earlier requests to this server, the last 65,536 tokens of them, kept in memory; "

@@ -378,3 +378,33 @@ def test_a_chains_only_budget_cuts_the_trees_likeliest_chain():
     assert size == 4 and predicted == pytest.approx(0.5 + 0.45 + 0.405)
     wide = TreeBudget(FLAT, clock=clock).propose(proposer, sequence)
     assert len(wide.tokens) == 6  # without chains: the whole tree
+
+
+def test_tree_budget_drafts_ahead_only_while_steps_gain_from_it_and_retries_the_other_way():
+    """Steps drafting ahead and steps that do not are timed as measured (verification,
+    which a CPU draft slows, plus exposed drafting); tree steps go the faster way, and
+    every AHEAD_PROBE-th the other."""
+    clock = FakeClock()
+    hybrid = FakeHybrid(clock, 0.0005, [0.9] * 7)
+    sequence = Sequence([1], SamplingParams(temperature=0), 8, [], sink=lambda e: None)
+    sequence.root_token = 0
+
+    def steps(count, ahead_seconds, serial_seconds):
+        budget = TreeBudget(FLAT, clock=clock)
+        choices = []
+        for _ in range(count):
+            tree = budget.propose(hybrid, sequence)
+            sequence.drafting_ahead = budget.draft_ahead_due(sequence)
+            choices.append(sequence.drafting_ahead)
+            sequence.verify_seconds = ahead_seconds if sequence.drafting_ahead \
+                else serial_seconds
+            budget.observe(sequence, tree, tree.num_drafted)
+        return choices
+
+    slowed = steps(80, ahead_seconds=0.030, serial_seconds=0.012)  # 2 cores: contention
+    assert slowed[:2] == [True, False]  # each way measured first
+    assert 8 <= slowed[2:].count(True) <= 11  # then only the probes
+    hidden = steps(80, ahead_seconds=0.012, serial_seconds=0.020)  # a GPU draft, hidden
+    assert 8 <= hidden[2:].count(False) <= 11
+    sequence.budget_step = None  # a lookup or plain step is never drafted ahead of
+    assert not TreeBudget(FLAT, clock=clock).draft_ahead_due(sequence)

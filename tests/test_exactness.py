@@ -60,9 +60,10 @@ def run(engine: Engine, prompts: list[list[int]], params: SamplingParams,
     return sequences
 
 
-def draft_with_lookup(draft) -> HybridProposer:
-    """The server's composition: the draft's tree with prompt lookup merged in."""
-    return HybridProposer(DraftProposer(draft, DRAFT_TREE),
+def draft_with_lookup(draft, ahead: bool = True) -> HybridProposer:
+    """The server's composition: the draft's tree with prompt lookup merged in, the next
+    tree drafted ahead while the target verifies (unless `ahead` is off)."""
+    return HybridProposer(DraftProposer(draft, DRAFT_TREE, pipeline=ahead),
                           NgramProposer(max_tokens=TREE.total_tokens - 1))
 
 
@@ -215,7 +216,9 @@ def test_eight_concurrent_streams_equal_each_served_alone(target, prompts, shipp
     group = [prompts[i] for i in (0, 3, 5, 11, 19, 24, 30, 37)]
     alone = outputs(run(Engine(target), group, GREEDY))
     lookup = NgramProposer(max_tokens=TREE.total_tokens - 1)
-    hybrid = draft_with_lookup(shipped_draft)
-    for engine in (Engine(target), Engine(target, lookup), Engine(target, hybrid)):
+    ahead, serial = draft_with_lookup(shipped_draft), draft_with_lookup(shipped_draft, False)
+    for engine in (Engine(target), Engine(target, lookup), Engine(target, serial),
+                   Engine(target, ahead)):
         got = outputs(run(engine, group, GREEDY, together=True))
         assert got == alone, first_difference(got, alone)
+    assert engine.counters.predrafts_used > 0

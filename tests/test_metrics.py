@@ -196,8 +196,15 @@ def test_drafting_time_counts_also_when_nothing_drafted_was_verified():
     counters.add_step(num_drafted=0, num_accepted=0, draft_seconds=0.25)
     counters.add_step(num_drafted=3, num_accepted=2, draft_seconds=0.5)
     counters.add_request("lookup")
+    counters.draft_seconds += 0.25  # a tree drafted ahead, inside a verification
+    counters.draft_hidden_seconds += 0.25
+    counters.predrafts, counters.predrafts_used = 4, 1
     registry = metrics.registry
-    assert registry.get_sample_value("dovetail:spec_decode_draft_seconds_total") == 0.75
+    assert registry.get_sample_value("dovetail:spec_decode_draft_seconds_total") == 1.0
+    assert registry.get_sample_value("dovetail:spec_decode_draft_hidden_seconds_total") == 0.25
+    assert registry.get_sample_value("dovetail:spec_decode_draft_exposed_seconds_total") == 0.75
+    assert registry.get_sample_value("dovetail:spec_decode_num_predrafts_total") == 4
+    assert registry.get_sample_value("dovetail:spec_decode_num_predrafts_used_total") == 1
     assert registry.get_sample_value("dovetail:spec_decode_num_drafts_total") == 1
     assert registry.get_sample_value("dovetail:spec_decode_num_draft_tokens_total") == 3
     assert registry.get_sample_value("dovetail:spec_decode_num_accepted_tokens_total") == 2

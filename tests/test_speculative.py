@@ -204,6 +204,38 @@ def test_greedy_speculative_output_equals_plain_decoding(draft_kind, shape, devi
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [CHAIN, TREE], ids=["chain", "tree"])
+@pytest.mark.parametrize("draft_kind", ["random", "trained"])
+def test_drafting_ahead_keeps_the_output_and_overlaps_verification(
+        draft_kind, shape, device, target, references, random_draft, trained_draft):
+    """The next trees grow on the draft's worker thread while the target verifies this one
+    (server/speculation/draft_ahead.py). The output is still the target's; the engine's
+    own timestamps put draft work inside verifications; a tree drafted below a guess that
+    came true is used."""
+    draft = random_draft if draft_kind == "random" else trained_draft
+    device = torch.device(device)
+    proposer = DraftProposer(draft.to(device, default_dtype(device)), shape, pipeline=True)
+    engine = Engine(target, proposer)
+    prompts = PROMPTS[4:16]
+    sequences = generate(engine, prompts)
+    draft.to("cpu", torch.float32)
+    identical = [matches(sequence.output_tokens, reference, text)
+                 for (text, _), sequence, reference in zip(prompts, sequences, references[4:16],
+                                                           strict=True)]
+    assert sum(identical) >= 10, f"only {sum(identical)} of {len(prompts)} outputs identical"
+    counters = engine.counters
+    assert counters.predrafts > 0
+    assert 0 < counters.draft_hidden_seconds <= counters.verify_seconds
+    assert counters.draft_hidden_seconds < counters.draft_seconds
+    if draft_kind == "trained":
+        assert counters.predrafts_used > 0
+        tau = sum(len(s.output_tokens) for s in sequences) / sum(s.num_verify_steps
+                                                                  for s in sequences)
+        assert tau > (1.8 if shape is TREE else 1.6)
+
+
+@pytest.mark.slow
 def test_the_next_chat_turn_reuses_the_kept_prefix_with_a_draft(f16_model, target,
                                                                 trained_draft):
     """With a draft model too, a chat's next turn reads only what is new: the target keeps
@@ -291,7 +323,8 @@ def test_a_seed_gives_the_same_sampled_text_with_or_without_speculation(target, 
     tree = Engine(target, DraftProposer(trained_draft, TREE))
     lookup = NgramProposer(max_tokens=7, shared=SharedNgrams())
     budgeted = Engine(target, lookup, budget=LookupBudget(FLAT_COSTS, 7))
-    for engine in (tree, budgeted, tree):
+    ahead = Engine(target, DraftProposer(trained_draft, TREE, pipeline=True))
+    for engine in (tree, budgeted, tree, ahead):
         sequences = generate(engine, prompts, params)
         assert sum(sequence.num_accepted for sequence in sequences) > 10
         identical = 0
@@ -304,6 +337,7 @@ def test_a_seed_gives_the_same_sampled_text_with_or_without_speculation(target, 
                         if a != b), min(len(output), len(reference)))
             assert margin[cut] < SAMPLED_NEAR_TIE, f"parted at token {cut}, draw {margin[cut]}"
         assert identical >= 2
+    assert ahead.counters.predrafts > 0
     other = generate(tree, prompts, SamplingParams(temperature=0.8, top_p=0.95, seed=99))
     assert [sequence.output_tokens for sequence in other] != plain
 

@@ -166,3 +166,52 @@ def test_best_chain_is_the_path_with_the_most_expected_accepted_tokens(seed):
 
 def test_best_chain_of_a_bare_root_is_the_root():
     assert DraftTree.root_only(5).best_chain() == DraftTree.root_only(5)
+
+
+def test_a_subtree_is_rerooted_with_its_scores_counted_from_its_root():
+    builder = TreeBuilder(root_token=100, top_k=2, total_tokens=8)
+    first = builder.add_children([0], np.array([[1, 2]]), np.log(np.array([[0.6, 0.3]])))
+    builder.add_children(first, np.array([[3, 4], [5, 6]]),
+                         np.log(np.array([[0.5, 0.4], [0.9, 0.1]])))
+    below, ids = builder.subtree(first[1], total_tokens=3)  # token 2: children 5, 6
+    assert below.tokens == [2, 5, 6] and below.parents == [-1, 0, 0]
+    assert below.depths == [0, 1, 1]
+    np.testing.assert_allclose(np.exp(below.scores), [1.0, 0.9, 0.1])
+    assert ids == {first[1]: 0, 5: 1, 6: 2}  # old candidate ids → new
+    tree = below.finish()
+    assert tree.tokens == [2, 5, 6] and tree.parents == [-1, 0, 0]
+
+
+def test_drafting_ahead_guesses_where_acceptance_ends_with_a_drafted_bonus():
+    """The guess is the verified node whose path the draft most likely sees accepted with
+    a bonus token among its drafted children; the stand-ins are the draft's outputs at the
+    root and the path's nodes above it."""
+    from server.speculation.draft_ahead import Grown, likely_outcomes
+
+    builder = TreeBuilder(root_token=100, top_k=2, total_tokens=4)
+    first = builder.add_children([0], np.array([[1, 2]]), np.log(np.array([[0.9, 0.05]])))
+    second = builder.add_children(first, np.array([[3, 4], [5, 6]]),
+                                  np.log(np.array([[0.5, 0.45], [0.5, 0.5]])))
+    builder.add_children(second, np.array([[7, 8], [9, 10]]),
+                         np.log(np.array([[0.5, 0.5], [0.5, 0.5]])))
+    outputs = {0: np.zeros(4), first[0]: np.ones(4), first[1]: np.full(4, 2.0),
+               second[0]: np.full(4, 3.0), second[1]: np.full(4, 4.0)}
+    grown = Grown.of(builder, outputs)
+    assert grown.children[(1,)] == [(3, np.log(0.5)), (4, np.log(0.45))]
+    # verified: 100 → 1 → 3, and 2 (the root's other child)
+    tree = DraftTree([100, 1, 2, 3], [-1, 0, 0, 1], [0, 1, 1, 2], [1.0, 0.9, 0.05, 0.5])
+    guesses = likely_outcomes(grown, tree, top_k=2, count=3)
+    # stop at 1 with bonus 4: 0.9 × 0.45; at 3 with 7 or 8: 0.45 × 1.0; at the root: 0
+    # (its children 1 and 2 are verified); at 2 with 5 or 6: 0.05 × 1.0
+    assert [guess.tokens for guess in guesses] == [[1, 3], [1], [2]]
+    guess = guesses[0]
+    np.testing.assert_array_equal(guess.stand_ins, [np.zeros(4), np.ones(4)])
+    assert guess.chance == pytest.approx(0.45)
+    tree = DraftTree([100, 1, 2], [-1, 0, 0], [0, 1, 1], [1.0, 0.9, 0.05])
+    assert likely_outcomes(grown, tree, top_k=2)[0].tokens == [1]  # 0.9 × 0.95
+    # a verified leaf: its children are not drafted yet, so the average top mass counts
+    tree = DraftTree([100, 1, 3, 7], [-1, 0, 1, 2], [0, 1, 2, 3], [1.0, 0.95, 0.95, 0.95])
+    [guess] = likely_outcomes(grown, tree, top_k=2)
+    assert guess.tokens == [1, 3, 7]
+    np.testing.assert_array_equal(guess.stand_ins, [np.zeros(4), np.ones(4), np.full(4, 3.0)])
+    assert guess.chance == pytest.approx(0.95**3 * np.mean([0.95, 0.95, 1.0, 1.0, 1.0]))

@@ -16,6 +16,10 @@ class EngineCounters:
     # [i]: steps whose (i+1)-th drafted token was accepted
     accepted_per_position: list[int] = field(default_factory=list)
     draft_seconds: float = 0.0  # drafting, counted also where the budget then verified none
+    # of which: drafting ahead that ran while the target verified (the rest was exposed)
+    draft_hidden_seconds: float = 0.0
+    predrafts: int = 0  # trees drafted ahead during a verification
+    predrafts_used: int = 0  # of those, trees whose guessed outcome came true (then verified)
     verify_seconds: float = 0.0  # target decodes that verified trees (one serves all)
     prompt_seconds: float = 0.0  # target decodes that read prompt tokens
     draft_start_seconds: float = 0.0  # proposers taking in prompts before first tokens
@@ -36,6 +40,15 @@ class EngineCounters:
             positions.append(0)
         for index in range(num_accepted):
             positions[index] += 1
+
+    def add_ahead(self, report) -> None:
+        """One step's trees drafted ahead (an AheadReport): their runs' time inside the
+        verification was hidden; the exposed rest is counted with the next tree's drafting
+        time (add_step)."""
+        self.draft_seconds += report.hidden
+        self.draft_hidden_seconds += report.hidden
+        self.predrafts += report.trees
+        self.predrafts_used += report.used
 
     def add_request(self, proposer: str) -> None:
         """A request was given to a proposer (server/speculation/choice.py)."""

@@ -59,6 +59,7 @@ class Engine:
         self._is_stopping = False
         self._drain_deadline: float | None = None
         self._thread: threading.Thread | None = None
+        self._verified = (0.0, 0.0)  # when the last verification ran (perf_counter seconds)
 
     # -- called from other threads ----------------------------------------------------------
 
@@ -130,6 +131,8 @@ class Engine:
         running = self._running()
         trees = self._draft([s for s in running if s.root_token is not None])
         chunks = self._next_chunks([s for s in running if s.root_token is None])
+        for sequence, tree in trees:
+            self._guarded(self._draft_ahead, sequence, tree)
         outputs = self._verify(trees, chunks)
         if outputs is not None:
             tree_outputs, chunk_outputs = outputs
@@ -232,12 +235,22 @@ class Engine:
         self.target.check_tree(TreeRequest(sequence.slot, tree.tokens, tree.parents))
         return tree
 
+    def _draft_ahead(self, sequence: Sequence, tree: DraftTree) -> None:
+        """Where the proposer drafts ahead and the budget says it pays: start the next tree
+        now, to grow while the target verifies this one."""
+        proposer, budget = self._proposer(sequence), self._budget(sequence)
+        sequence.drafting_ahead = False
+        if proposer is not None and getattr(proposer, "pipelined", False) \
+                and len(tree.tokens) > 1 and budget.draft_ahead_due(sequence):
+            sequence.drafting_ahead = proposer.draft_ahead(sequence.draft_state, tree,
+                                                           budget.growth_levels)
+
     def _launch(self, sequence: Sequence) -> None:
         """Start the sequence's next tree now (where the proposer drafts ahead)."""
         started = time.perf_counter()
         self._proposer(sequence).launch(sequence.draft_state,
                                         self._budget(sequence).growth_levels)
-        sequence.launch_seconds = time.perf_counter() - started
+        sequence.launch_seconds += time.perf_counter() - started
 
     def _next_chunks(self, sequences: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """Up to chunk_size prompt tokens in all, oldest request first. Each chunk is as
@@ -271,7 +284,11 @@ class Engine:
             for sequence, _ in (*trees, *chunks):
                 sequence.fail(f"generation failed: {error}")
             return None
-        seconds = time.perf_counter() - started
+        ended = time.perf_counter()
+        seconds = ended - started
+        self._verified = (started, ended)
+        for sequence, _ in trees:
+            sequence.verify_seconds = seconds
         if trees:
             self.counters.verify_seconds += seconds
         if chunks:
@@ -324,8 +341,13 @@ class Engine:
         new_tokens = [tree.tokens[node] for node in acceptance.path[1:]]
         new_tokens.append(acceptance.bonus_token)
         proposer, budget = self._proposer(sequence), self._budget(sequence)
+        ahead = proposer.settle(sequence.draft_state, new_tokens, self._verified) \
+            if sequence.drafting_ahead else None
         if proposer is not None:
             proposer.commit(sequence.draft_state, output.features[acceptance.path], new_tokens)
+            if ahead is not None:  # what the step waited for: the next tree's drafting time
+                sequence.launch_seconds += ahead.exposed
+                self.counters.add_ahead(ahead)
             if budget.expects_tree(sequence):
                 self._launch(sequence)  # likely to draft again: start it now
         self.target.commit(sequence.slot, acceptance.path)

@@ -100,6 +100,8 @@ class Sequence:
     prompt_features: list[np.ndarray] = field(default_factory=list)  # per chunk, for the draft
     draft_seconds: float = 0.0  # the last step's drafting time
     launch_seconds: float = 0.0  # starting the next tree early (DraftProposer.launch), host time
+    drafting_ahead: bool = False  # the next tree grows while this step's is verified
+    verify_seconds: float = 0.0  # the last target decode that verified this sequence's tree
     budget_step: tuple | None = None  # the adaptive budget's note on this step's tree
     mode: Mode | None = None  # with a per-request choice: its proposer and budget
     admitted_at: float = 0.0  # time.monotonic() when it got a slot

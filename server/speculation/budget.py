@@ -28,6 +28,7 @@ from verifier.costs import LiveCosts, VerifyCosts
 Costs = VerifyCosts | LiveCosts
 
 MIN_GAIN = 1.1  # speculate only for an expected gain of 10% or more over plain decoding
+AHEAD_PROBE = 8  # every 8th tree step tries the other way of drafting (ahead or not)
 DEPTH_WINDOW = 16  # drafted steps whose cut trees say how deep the next ones need to grow
 
 
@@ -76,6 +77,9 @@ class LookupBudget:
     def expects_tree(self, sequence) -> bool:
         return False  # a lookup is done when the step needs it
 
+    def draft_ahead_due(self, sequence) -> bool:
+        return False
+
     def observe(self, sequence, tree: DraftTree, num_accepted: int) -> None:
         pass  # the lookup proposer scores its lookups itself
 
@@ -102,6 +106,14 @@ class TreeBudget:
 
     chains: the target verifies chains only (`--exact`): the tree's likeliest chain is cut,
     so that sizes, costs and predictions are those of what is verified.
+
+    Drafting ahead (the next tree grown while the target verifies this one,
+    server/speculation/draft_ahead.py) is judged by what a step costs with it and without
+    it: measured verification time (a CPU draft slows the target down: they share the
+    cores) plus the drafting time the step was exposed to (waiting for a tree drafted
+    ahead, or growing one after a wrong guess). Tree steps go the way that has lately
+    given more tokens per second; every AHEAD_PROBE-th goes the other way, so a change
+    (another load, other texts) is noticed.
     """
 
     def __init__(self, costs: Costs, probe_share: float = 0.05, weight: float = 0.1,
@@ -118,6 +130,10 @@ class TreeBudget:
         self.predicted, self.accepted = 1.0, 1.0  # moving averages, for calibration
         self.since_probe = 0.0  # modelled seconds of tree-less steps since the last tree
         self.cut_depths: deque[int] = deque(maxlen=DEPTH_WINDOW)
+        # moving averages of a tree step's tokens/s, drafting ahead or not
+        self.ahead_rate: float | None = None
+        self.serial_rate: float | None = None
+        self.tree_steps = 0
 
     @property
     def growth_levels(self) -> int | None:
@@ -157,6 +173,15 @@ class TreeBudget:
         self.since_probe += self.costs.of(drafted + 1)
         return DraftTree.chain([root, *lookup.tokens[:drafted]])
 
+    def draft_ahead_due(self, sequence) -> bool:
+        if sequence.budget_step is None:
+            return False  # a lookup chain or plain step: its successor likely is one too
+        self.tree_steps += 1
+        if self.ahead_rate is None or self.serial_rate is None:
+            return self.ahead_rate is None  # each way measured first
+        better = self.ahead_rate >= self.serial_rate
+        return better != (self.tree_steps % AHEAD_PROBE == 0)
+
     def observe(self, sequence, tree: DraftTree, num_accepted: int) -> None:
         step, sequence.budget_step = sequence.budget_step, None
         if step is None:
@@ -167,6 +192,12 @@ class TreeBudget:
             self.accepted = self._average(self.accepted, num_accepted)
         rate = (num_accepted + 1) / (self.costs.of(size) + seconds)
         self.tree_rate = self._average(self.tree_rate, rate)
+        if sequence.verify_seconds > 0:  # what the step took, as measured
+            measured = (num_accepted + 1) / (sequence.verify_seconds + seconds)
+            if sequence.drafting_ahead:
+                self.ahead_rate = self._average(self.ahead_rate, measured)
+            else:
+                self.serial_rate = self._average(self.serial_rate, measured)
 
     def _tree_pays(self, estimates: LookupEstimates, lookup: Lookup, drafted: int) -> bool:
         if self.tree_rate is None:

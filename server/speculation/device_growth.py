@@ -15,9 +15,11 @@ started without waiting (`start`) and collected when the tree is needed (`collec
 CPU the same code runs eagerly.
 
 Outputs, for levels 1…depth: the children's tokens and log-probs [depth, k, k] (level 1
-uses row 0: the root's children) and `chosen` [depth, k], each level's frontier as flat
-indices into its k × k children, best first. `DeviceGrowth.replay_into` rebuilds the same
-candidates in a `TreeBuilder`.
+uses row 0: the root's children), `chosen` [depth, k], each level's frontier as flat
+indices into its k × k children, best first, and `expanded` [depth, k, H], the draft's
+output at each node it expanded (its prediction of that node's feature: what a pre-drafted
+next tree stands in for the target's features, server/speculation/pipeline.py).
+`DeviceGrowth.replay_into` rebuilds the same candidates in a `TreeBuilder`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class DeviceGrowth:
         self.child_tokens = torch.zeros(depth, top_k, top_k, dtype=torch.long, device=device)
         self.child_log_probs = torch.zeros(depth, top_k, top_k, device=device)
         self.chosen = torch.zeros(depth, top_k, dtype=torch.long, device=device)
+        self.expanded = torch.zeros(depth, top_k, hidden_size, device=device)
         self.true = torch.ones((), dtype=torch.bool, device=device)  # no host scalar in a graph
         self.use_graph = use_graph and device.type == "cuda"
         self.capture_failed = False
@@ -61,7 +64,8 @@ class DeviceGrowth:
             pinned = {"pin_memory": True}
             self.host = (torch.empty(self.child_tokens.shape, dtype=torch.long, **pinned),
                          torch.empty(self.child_log_probs.shape, **pinned),
-                         torch.empty(self.chosen.shape, dtype=torch.long, **pinned))
+                         torch.empty(self.chosen.shape, dtype=torch.long, **pinned),
+                         torch.empty(self.expanded.shape, **pinned))
             self.staged_features = torch.zeros(self.features.shape, **pinned)
             self.staged_ints = torch.zeros(self.ints.shape, dtype=torch.long, **pinned)
             self.done = torch.cuda.Event()
@@ -91,8 +95,7 @@ class DeviceGrowth:
             self.ints[-2], self.ints[-1] = start, count
         if self.use_graph and self.prepare(levels):
             self.graphs[levels].replay()
-            for host, device in zip(self.host, (self.child_tokens, self.child_log_probs,
-                                                self.chosen), strict=True):
+            for host, device in zip(self.host, self._outputs, strict=True):
                 host.copy_(device, non_blocking=True)
             self.done.record()
             self.outputs = self.host
@@ -100,23 +103,38 @@ class DeviceGrowth:
         # eagerly, on the device: attending only to the slots in use (a graph's shapes are
         # fixed, so it attends over the whole cache, masked)
         self._run(levels, width=start + self.max_pending + (levels - 1) * self.top_k)
-        self.outputs = (self.child_tokens.cpu(), self.child_log_probs.cpu(),
-                        self.chosen.cpu())
+        self.outputs = tuple(tensor.cpu() for tensor in self._outputs)
 
-    def collect(self, builder: TreeBuilder) -> None:
-        """Add the started growth's candidates to builder (waiting for the device)."""
+    @property
+    def _outputs(self) -> tuple[torch.Tensor, ...]:
+        return self.child_tokens, self.child_log_probs, self.chosen, self.expanded
+
+    def wait(self) -> None:
+        """Until the started growth is done on the device."""
         if self.use_graph:
             self.done.synchronize()
-        self.replay_into(builder, *(t.numpy() for t in self.outputs))
+
+    def collect(self, builder: TreeBuilder) -> dict[int, np.ndarray]:
+        """Add the started growth's candidates to builder (waiting for the device); returns
+        the draft's output at each expanded candidate, by candidate id."""
+        self.wait()
+        return self.replay_into(builder, *(t.numpy() for t in self.outputs))
 
     def replay_into(self, builder: TreeBuilder, child_tokens: np.ndarray,
-                    child_log_probs: np.ndarray, chosen: np.ndarray) -> None:
-        frontier = [0]
-        for level in range(self.levels):
+                    child_log_probs: np.ndarray, chosen: np.ndarray,
+                    expanded: np.ndarray | None = None,
+                    levels: int | None = None) -> dict[int, np.ndarray]:
+        """Rebuild the candidates of a growth of `levels` levels (default: the started
+        one's) from its outputs; returns the draft's output at each expanded candidate."""
+        frontier, outputs = [0], {}
+        for level in range(self.levels if levels is None else levels):
             rows = len(frontier)
+            if expanded is not None:
+                outputs.update(zip(frontier, expanded[level, :rows].copy(), strict=True))
             new_ids = builder.add_level(frontier, child_tokens[level, :rows],
                                         child_log_probs[level, :rows])
             frontier = [new_ids[j] for j in chosen[level].tolist()]
+        return outputs
 
     def prepare(self, levels: int) -> bool:
         """Capture the catch-up and `levels` levels of growth as a CUDA graph unless they
@@ -175,6 +193,7 @@ class DeviceGrowth:
         self.child_tokens[0, 0] = tokens[0]
         self.child_log_probs[0, 0] = log_probs[0]
         self.chosen[0] = rows  # topk is sorted: the root's children in order, best first
+        self.expanded[0, 0] = root_hidden[0]
         scores, frontier_tokens = log_probs[0], tokens[0]
         frontier_hidden = root_hidden.expand(k, -1)
         ancestors = torch.zeros(k, capacity, dtype=torch.bool, device=device)
@@ -185,6 +204,7 @@ class DeviceGrowth:
             positions = (committed + level - 2).expand(1, k)
             outputs = model(frontier_hidden[None], frontier_tokens[None], positions,
                             self.cache, slots, ancestors | committed_slots)[0]  # [k, H]
+            self.expanded[level - 1] = outputs
             tokens, log_probs = self._top_children(outputs)  # [k, k] each
             self.child_tokens[level - 1] = tokens
             self.child_log_probs[level - 1] = log_probs

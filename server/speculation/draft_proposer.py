@@ -15,6 +15,14 @@ import torch
 
 from draft_model.model import DraftModel, KVCache
 from server.speculation.device_growth import DeviceGrowth
+from server.speculation.draft_ahead import (
+    AheadReport,
+    DraftWorker,
+    Grown,
+    Predraft,
+    likely_outcomes,
+    settle_predrafts,
+)
 from server.speculation.tree import DraftTree, TreeBuilder
 
 
@@ -45,6 +53,10 @@ class DraftState:
     seen_tokens: list[int] = field(default_factory=list)
     seen_features: np.ndarray | None = None  # [≥ len(seen_tokens), H]: row t is f_t
     next_token: int = -1  # verified next (the root): its feature comes with the next commit
+    grown: Grown | None = None  # the last collected tree's draft outputs (for drafting ahead)
+    predrafts: list[Predraft] = field(default_factory=list)  # drafted ahead, until settled
+    hit: Predraft | None = None  # the one whose guess came true, until the commit
+    ahead: Predraft | None = None  # after the commit: the next tree is in it
 
 
 class DraftProposer:
@@ -56,9 +68,18 @@ class DraftProposer:
     uses_features = True
     source = "draft"  # what the chat page calls its tokens
 
-    def __init__(self, model: DraftModel, shape: TreeShape) -> None:
+    def __init__(self, model: DraftModel, shape: TreeShape, pipeline: bool = False,
+                 max_guesses: int = 4) -> None:
+        """pipeline: draft the next tree while the target verifies this one
+        (`draft_ahead`, server/speculation/draft_ahead.py), below up to max_guesses
+        outcomes: as many as the draft grows in the time of a verification."""
         self.model = model.eval()
         self.shape = shape
+        self.worker = DraftWorker() if pipeline else None
+        self.max_guesses = max_guesses
+        # moving averages: one tree drafted ahead, one verification (seconds)
+        self.ahead_seconds: float | None = None
+        self.verify_seconds: float | None = None
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self.use_graph = True  # until a capture fails: then eager growth for every sequence
@@ -100,6 +121,14 @@ class DraftProposer:
         launched and never collected may still be growing on the device; the next
         sequence's work is queued behind it on the same stream, and a stale cache slot is
         never attended to (masks cover committed and this tree's scratch slots only)."""
+        for predraft in state.predrafts:  # trees drafted ahead may still grow in its cache
+            try:
+                predraft.future.result()
+            except Exception:  # (the first carried committed pairs: forget them)
+                state.num_committed = 0
+                state.seen_tokens.clear()
+        state.predrafts.clear()
+        state.grown = state.hit = state.ahead = None
         state.pending_features.clear()
         state.pending_tokens.clear()
         state.launched = False
@@ -162,8 +191,14 @@ class DraftProposer:
         and the accepted nodes; next_tokens the m accepted tokens plus the bonus token.
 
         This is the draft's only KV rollback: the tree's scratch slots lie after
-        num_committed and are simply overwritten by the next catch-up.
+        num_committed and are simply overwritten by the next catch-up. So are the stand-ins
+        of trees drafted ahead (`draft_ahead`): if one's guess came true, its subtree is
+        the next tree (`launched`), else they are dropped.
         """
+        if state.predrafts:  # (not settled by the caller)
+            self.settle(state, next_tokens)
+        state.ahead, state.hit = state.hit, None
+        state.launched = state.ahead is not None
         state.pending_features.append(path_features)
         state.pending_tokens.extend(next_tokens)
         self._record(state, [state.next_token, *next_tokens[:-1]], path_features)
@@ -188,11 +223,9 @@ class DraftProposer:
         growth (default: the shape's depth) are queued on the device, and `propose` collects
         them. The engine calls this as soon as a step's accepted tokens are committed, so a
         GPU drafts while the host commits the target's cache, streams tokens and looks up
-        the next step's proposal (on a CPU the growth simply runs here)."""
-        if state.launched and not state.pending_tokens:
-            return
-        state.launched = False
-        if not state.pending_tokens:
+        the next step's proposal (on a CPU the growth simply runs here). Nothing to do
+        where a tree below the current root is launched already (or was drafted ahead)."""
+        if state.launched or not state.pending_tokens:
             return
         if not self._has_room(state):
             self._catch_up(state)  # no tree: the pairs still go in
@@ -202,28 +235,118 @@ class DraftProposer:
         if excess > 0:
             self._catch_up(state, excess)
         features = np.concatenate(state.pending_features)
-        state.growth = self._growth_for(state)
-        state.growth.start(features, state.pending_tokens, state.num_committed,
-                           self._levels(levels))
-        if state.growth.capture_failed:
+        state.growth = growth = self._growth_for(state)
+        tokens, start, levels = state.pending_tokens, state.num_committed, self._levels(levels)
+        self._on_device(lambda: growth.start(features, tokens, start, levels))
+        if growth.capture_failed:
             self.use_graph = False
         state.num_committed += len(state.pending_tokens)
         state.pending_features.clear()
         state.pending_tokens.clear()
         state.launched = True
 
+    def draft_ahead(self, state: DraftState, tree: DraftTree,
+                    levels: int | None = None) -> bool:
+        """While the target verifies `tree`: start growing next trees, each below one of
+        the paths the draft finds likeliest to be accepted with a bonus token it drafts,
+        its outputs standing in for the target's features on that path
+        (server/speculation/draft_ahead.py); as many as fit in a verification's time. The
+        pairs the target accepted last step go first into each, with their true features.
+        False where there is no worker, no guess, or no room."""
+        if self.worker is None or state.grown is None or state.launched:
+            return False
+        guesses = [guess for guess in likely_outcomes(state.grown, tree, self.shape.top_k,
+                                                       self._guesses_per_step)
+                   if state.pending_tokens or guess.tokens]
+        if not guesses:
+            return False
+        longest = max(len(guess.tokens) for guess in guesses)
+        excess = len(state.pending_tokens) + longest - self._max_pending
+        if excess > 0:  # a backlog: eagerly, but for the pairs the catch-up takes
+            self._catch_up(state, min(excess, len(state.pending_tokens)))
+        if not self._has_room(state, extra=longest) \
+                or len(state.pending_tokens) + longest > self._max_pending:
+            return False
+        growth, start = self._growth_for(state), state.num_committed
+        state.growth = growth
+        levels = self._levels(None if levels is None else levels + 1)  # + the bonus's level
+        for guess in guesses:
+            features = np.concatenate([*state.pending_features, guess.stand_ins])
+            tokens = [*state.pending_tokens, *guess.tokens]
+
+            def grow(features=features, tokens=tokens) -> tuple:
+                with torch.inference_mode():
+                    growth.start(features, tokens, start, levels)
+                    growth.wait()
+                    return tuple(output.clone() for output in growth.outputs)
+
+            state.predrafts.append(Predraft(guess.tokens, levels, self.worker.submit(grow)))
+        state.num_committed += len(state.pending_tokens)  # true pairs: committed by each
+        state.pending_features.clear()
+        state.pending_tokens.clear()
+        state.grown = None
+        return True
+
+    @property
+    def _guesses_per_step(self) -> int:
+        """As many trees as the draft grows while the target verifies (1 until timed)."""
+        if self.ahead_seconds is None or self.verify_seconds is None:
+            return 1
+        fit = int(self.verify_seconds / max(self.ahead_seconds, 1e-6))
+        return max(1, min(fit, self.max_guesses))
+
+    def settle(self, state: DraftState, next_tokens: list[int],
+               verified: tuple[float, float] | None = None) -> AheadReport:
+        """The step's outcome is known: the trees drafted ahead that are still of use are
+        waited for, the rest dropped (see draft_ahead.settle_predrafts); `commit` then takes the one
+        whose guess came true. verified: when the verification ran (perf_counter)."""
+        hit, report = settle_predrafts(state.predrafts, list(next_tokens), verified)
+        state.predrafts.clear()
+        state.hit = hit
+        if report.trees:
+            average = self._average
+            self.ahead_seconds = average(self.ahead_seconds,
+                                         (report.hidden + report.exposed) / report.trees)
+        if verified is not None:
+            self.verify_seconds = self._average(self.verify_seconds, verified[1] - verified[0])
+        return report
+
+    @staticmethod
+    def _average(value: float | None, observed: float, weight: float = 0.2) -> float:
+        return observed if value is None else value + weight * (observed - value)
+
+    def _on_device(self, work) -> None:
+        """Run draft work now. With a worker, on its thread (waiting for it): all of a
+        pipelined draft's device work then comes from one thread, in order — a CUDA graph
+        is never captured while another thread launches work."""
+        if self.worker is None:
+            work()
+            return
+
+        def run() -> None:
+            with torch.inference_mode():
+                work()
+        self.worker.run(run)
+
+    @property
+    def pipelined(self) -> bool:
+        return self.worker is not None
+
     @property
     def _max_pending(self) -> int:
         """Pairs the device growth's own catch-up takes: a drafted step's accepted path and
-        bonus token fit (at most total_tokens), so only backlogs need an eager one."""
-        return max(self.shape.total_tokens, 1)
+        bonus token fit (at most total_tokens), so only backlogs need an eager one; drafting
+        ahead adds the guessed path's stand-ins (at most depth + 1)."""
+        ahead = self._max_depth + 1 if self.pipelined else 0
+        return max(self.shape.total_tokens, 1) + ahead
 
-    def _has_room(self, state: DraftState) -> bool:
-        """A tree can grow after the pending pairs: its scratch slots and the padded
-        catch-up fit in the cache."""
+    def _has_room(self, state: DraftState, extra: int = 0) -> bool:
+        """A tree can grow after the pending pairs (and `extra` more): its scratch slots
+        and the padded catch-up fit in the cache."""
         shape, capacity = self.shape, state.cache.capacity
-        committed = state.num_committed + len(state.pending_tokens)
-        first_padded = committed - min(len(state.pending_tokens), self._max_pending)
+        pending = len(state.pending_tokens) + extra
+        committed = state.num_committed + pending
+        first_padded = committed - min(pending, self._max_pending)
         return shape.total_tokens > 1 \
             and committed + shape.max_scratch_slots + shape.depth <= capacity \
             and first_padded + self._max_pending <= capacity
@@ -246,10 +369,25 @@ class DraftProposer:
         """The draft's tree below root_token (the one launched, or one grown now with
         `levels` levels). graft: (tokens, cumulative log-scores) of a chain from another
         proposer, ranked together with the draft's candidates."""
-        builder = TreeBuilder(root_token, self.shape.top_k, self.shape.total_tokens)
+        shape = self.shape
+        builder = TreeBuilder(root_token, shape.top_k, shape.total_tokens)
         self.launch(state, levels)  # unless launched already
         if state.launched:
-            state.growth.collect(builder)
+            ahead, state.ahead = state.ahead, None
+            if ahead is None:
+                outputs = state.growth.collect(builder)
+            else:  # drafted ahead: the subtree below the bonus token among its first level
+                grown = TreeBuilder(ahead.path[-1] if ahead.path else -1, shape.top_k,
+                                    shape.total_tokens)
+                outputs = state.growth.replay_into(grown, *(output.numpy() for output
+                                                            in ahead.outputs),
+                                                   levels=ahead.levels)
+                node = next(i for i in range(1, len(grown.tokens))
+                            if grown.parents[i] == 0 and grown.tokens[i] == root_token)
+                builder, ids = grown.subtree(node, shape.total_tokens)
+                outputs = {ids[i]: output for i, output in outputs.items() if i in ids}
+            if self.pipelined:  # what drafting ahead of this tree needs
+                state.grown = Grown.of(builder, outputs)
             state.launched = False
         if graft is not None:
             builder.add_chain(*graft)
@@ -281,7 +419,8 @@ class DraftProposer:
         positions = torch.arange(start, start + count, device=self.device)[None]
         mask = torch.ones(count, start + count, dtype=torch.bool, device=self.device)
         mask[:, start:] = torch.tril(mask[:, start:])
-        self.model(feature_tensor, tokens, positions, state.cache, positions[0], mask)
+        self._on_device(lambda: self.model(feature_tensor, tokens, positions, state.cache,
+                                           positions[0], mask))
         state.num_committed = start + count
         state.pending_features = [features[count:]] if count < len(features) else []
         del state.pending_tokens[:count]

@@ -72,6 +72,17 @@ class HybridProposer:
     def launch(self, state: HybridState, levels: int | None = None) -> None:
         self.draft.launch(state.draft, levels)
 
+    @property
+    def pipelined(self) -> bool:
+        return self.draft.pipelined
+
+    def draft_ahead(self, state: HybridState, tree: DraftTree, levels: int | None = None) -> bool:
+        return self.draft.draft_ahead(state.draft, tree, levels)
+
+    def settle(self, state: HybridState, next_tokens: list[int],
+               verified: tuple[float, float] | None = None):
+        return self.draft.settle(state.draft, next_tokens, verified)
+
     def lookup_chain(self, state: HybridState) -> Lookup:
         """The lookup's continuation, as long as a tree can hold."""
         limit = min(self.lookup.max_tokens, self.draft.shape.total_tokens - 1)

@@ -62,6 +62,10 @@ class Budget(Protocol):
     def growth_levels(self) -> int | None:
         """Levels a draft tree should grow (None: the proposer's full depth)."""
 
+    def draft_ahead_due(self, sequence: Any) -> bool:
+        """Whether the next tree should grow while this step's tree is verified (for a
+        proposer that can draft ahead)."""
+
     def observe(self, sequence: Any, tree: DraftTree, num_accepted: int) -> None:
         """A verified step of the sequence."""
 
@@ -78,6 +82,9 @@ class FullBudget:
         return proposer.propose(sequence.draft_state, sequence.root_token)
 
     def expects_tree(self, sequence: Any) -> bool:
+        return True
+
+    def draft_ahead_due(self, sequence: Any) -> bool:
         return True
 
     def observe(self, sequence: Any, tree: DraftTree, num_accepted: int) -> None:

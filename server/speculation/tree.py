@@ -171,6 +171,25 @@ class TreeBuilder:
         for i in range(1, len(self.tokens)):  # descendants of a raised node rise with it
             self.scores[i] = self.scores[self.parents[i]] + self.log_probs[i]
 
+    def subtree(self, node: int, total_tokens: int) -> tuple[TreeBuilder, dict[int, int]]:
+        """The candidates below `node`, with node as the root (scores and depths counted
+        from it), selecting total_tokens; and the new id of each kept candidate, by old id.
+        (Candidates come after their parents, so one pass finds the descendants.)"""
+        below = TreeBuilder(self.tokens[node], self.top_k, total_tokens)
+        ids = {node: 0}
+        for candidate in range(node + 1, len(self.tokens)):
+            parent = ids.get(self.parents[candidate])
+            if parent is None:
+                continue
+            ids[candidate] = len(below.tokens)
+            below.tokens.append(self.tokens[candidate])
+            below.parents.append(parent)
+            below.depths.append(below.depths[parent] + 1)
+            below.log_probs.append(self.log_probs[candidate])
+            below.scores.append(below.scores[parent] + self.log_probs[candidate])
+            below.origins.append(self.origins[candidate])
+        return below, ids
+
     def finish(self) -> DraftTree:
         """The root plus the best total_tokens − 1 candidates, ancestors always included."""
         ranked = sorted(range(1, len(self.tokens)), key=lambda i: (-self.scores[i], i))
