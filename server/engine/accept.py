@@ -50,3 +50,13 @@ def accept(sequence: Sequence, tree: DraftTree, output: TreeOutput,
     if grammar is not None and not tokenizer.is_end_of_generation(acceptance.bonus_token):
         grammar.consume(acceptance.bonus_token)
     return acceptance
+
+
+def token_sources(tree: DraftTree, path: list[int], num_forced: int,
+                  source: str | None) -> list[str]:
+    """Where each new token of an accepted path came from ("forced", "draft", "lookup"),
+    then the bonus token ("target"). The forced chain is nodes 1..num_forced: the accepted
+    path runs along it first; other nodes are their proposer's (`source` where the tree
+    does not say)."""
+    return ["forced" if node <= num_forced else tree.origin(node) or source
+            for node in path[1:]] + ["target"]

@@ -10,7 +10,8 @@ token (the bonus token) is emitted.
 
 With a per-request choice (server/speculation/choice.py) each request gets, when admitted,
 one mode's proposer and budget — the draft, or prompt lookup alone, whose prompt is then
-read without features.
+read without features. A draft that drafts ahead (server/speculation/draft_ahead.py) starts
+the next trees on its own thread just before the decode; the commit settles them.
 
 Limits: a sequence past its deadline (or past the shutdown grace) ends with what it has
 ("timeout"); one still waiting for a slot at its deadline, or when the server drains for
@@ -26,9 +27,9 @@ from collections import deque
 
 import numpy as np
 
-from server.engine.accept import accept
+from server.engine.accept import accept, token_sources
 from server.engine.counters import EngineCounters
-from server.engine.sequence import Sequence, SequenceEvent
+from server.engine.sequence import Sequence
 from server.speculation.choice import ProposerChoice
 from server.speculation.grammar_tree import constrain_tree
 from server.speculation.proposer import Budget, FullBudget, Proposer
@@ -119,7 +120,7 @@ class Engine:
         for sequence in [*self._active, *self._waiting]:
             if not sequence.is_finished:
                 sequence.finish("cancelled")
-            self._emit(sequence)
+            sequence.send_event()
             if sequence.slot is not None:
                 self.target.release_slot(sequence.slot)
         self._active.clear()
@@ -143,7 +144,7 @@ class Engine:
             for (sequence, tokens), output in zip(chunks, chunk_outputs, strict=True):
                 self._guarded(self._read_prompt, sequence, tokens, output)
         for sequence in self._active:
-            self._emit(sequence)
+            sequence.send_event()
         self._retire()
 
     def _running(self) -> list[Sequence]:
@@ -175,7 +176,7 @@ class Engine:
                 else:
                     self._waiting.append(sequence)
                     continue
-                self._emit(sequence)
+                sequence.send_event()
 
     def _admit(self) -> None:
         """Refuse what can no longer wait; give waiting sequences a slot. Their prompts are
@@ -236,12 +237,11 @@ class Engine:
         return tree
 
     def _draft_ahead(self, sequence: Sequence, tree: DraftTree) -> None:
-        """Where the proposer drafts ahead and the budget says it pays: start the next tree
-        now, to grow while the target verifies this one."""
+        """Grow the next trees while the target verifies this one, where that pays."""
         proposer, budget = self._proposer(sequence), self._budget(sequence)
         sequence.drafting_ahead = False
-        if proposer is not None and getattr(proposer, "pipelined", False) \
-                and len(tree.tokens) > 1 and budget.draft_ahead_due(sequence):
+        if getattr(proposer, "pipelined", False) and len(tree.tokens) > 1 \
+                and budget.draft_ahead_due(sequence):
             sequence.drafting_ahead = proposer.draft_ahead(sequence.draft_state, tree,
                                                            budget.growth_levels)
 
@@ -284,9 +284,8 @@ class Engine:
             for sequence, _ in (*trees, *chunks):
                 sequence.fail(f"generation failed: {error}")
             return None
-        ended = time.perf_counter()
-        seconds = ended - started
-        self._verified = (started, ended)
+        self._verified = (started, time.perf_counter())
+        seconds = self._verified[1] - started
         for sequence, _ in trees:
             sequence.verify_seconds = seconds
         if trees:
@@ -322,7 +321,7 @@ class Engine:
         sequence.add_token(token, self.tokenizer, output.last_logits)
         if proposer is not None:
             if not sequence.is_finished:  # (a finished one's last event goes out with the step)
-                self._emit(sequence)  # the first token goes out before the proposer starts
+                sequence.send_event()  # the first token goes out before the proposer starts
             started = time.perf_counter()
             # sized for the longest request, so that every state can serve any request
             capacity = max(self.target.config.ctx_size,
@@ -341,23 +340,19 @@ class Engine:
         new_tokens = [tree.tokens[node] for node in acceptance.path[1:]]
         new_tokens.append(acceptance.bonus_token)
         proposer, budget = self._proposer(sequence), self._budget(sequence)
-        ahead = proposer.settle(sequence.draft_state, new_tokens, self._verified) \
-            if sequence.drafting_ahead else None
         if proposer is not None:
-            proposer.commit(sequence.draft_state, output.features[acceptance.path], new_tokens)
-            if ahead is not None:  # what the step waited for: the next tree's drafting time
+            if sequence.drafting_ahead:  # what it waited for is the next tree's drafting time
+                ahead = proposer.settle(sequence.draft_state, new_tokens, self._verified)
                 sequence.launch_seconds += ahead.exposed
                 self.counters.add_ahead(ahead)
+            proposer.commit(sequence.draft_state, output.features[acceptance.path], new_tokens)
             if budget.expects_tree(sequence):
                 self._launch(sequence)  # likely to draft again: start it now
         self.target.commit(sequence.slot, acceptance.path)
         sequence.record_step(num_drafted=tree.num_drafted, num_accepted=acceptance.num_accepted)
-        self.counters.add_step(tree.num_drafted, acceptance.num_accepted,
-                               sequence.draft_seconds)
-        # the forced chain is nodes 1..k: the accepted path runs along it first
-        sources = ["forced" if node <= sequence.forced_in_tree
-                   else tree.origin(node) or proposer.source
-                   for node in acceptance.path[1:]] + ["target"]
+        self.counters.add_step(tree.num_drafted, acceptance.num_accepted, sequence.draft_seconds)
+        sources = token_sources(tree, acceptance.path, sequence.forced_in_tree,
+                                getattr(proposer, "source", None))  # (none: plain decoding)
         forced = sources.count("forced")
         sequence.forced_in_tree = 0
         sequence.num_forced += forced
@@ -379,15 +374,6 @@ class Engine:
             log.exception("request %s failed", sequence.request_id)
             sequence.fail(f"generation failed: {error}")
             return None
-
-    def _emit(self, sequence: Sequence) -> None:
-        event: SequenceEvent | None = sequence.take_event()
-        if event is None:
-            return
-        try:
-            sequence.sink(event)
-        except RuntimeError:  # the receiving event loop is gone (server shutting down)
-            sequence.cancelled.set()
 
     def _retire(self) -> None:
         still_active = []

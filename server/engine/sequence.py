@@ -213,6 +213,16 @@ class Sequence:
             _, piece, source = sources.popleft()
             self._pending_sources.append((piece, source))
 
+    def send_event(self) -> None:
+        """Hand the text produced since the last event (if any) to the sink."""
+        event = self.take_event()
+        if event is None:
+            return
+        try:
+            self.sink(event)
+        except RuntimeError:  # the receiving event loop is gone (server shutting down)
+            self.cancelled.set()
+
     def take_event(self) -> SequenceEvent | None:
         """The text produced since the last event (and the end, if reached), or None."""
         text = "".join(self._pending_text)

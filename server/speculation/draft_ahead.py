@@ -160,6 +160,46 @@ def settle_predrafts(predrafts: list[Predraft], next_tokens: list[int],
     return hit, report
 
 
+def tree_below_bonus(predraft: Predraft, growth: Any, bonus: int, top_k: int,
+                     total_tokens: int) -> tuple[TreeBuilder, dict[int, np.ndarray]]:
+    """The next tree from a pre-draft whose guess came true: the subtree below the bonus
+    token among its first level, and the draft's outputs at its expanded candidates."""
+    grown = TreeBuilder(predraft.path[-1] if predraft.path else -1, top_k, total_tokens)
+    outputs = growth.replay_into(grown, *(output.numpy() for output in predraft.outputs),
+                                 levels=predraft.levels)
+    node = next(i for i in range(1, len(grown.tokens))
+                if grown.parents[i] == 0 and grown.tokens[i] == bonus)
+    builder, ids = grown.subtree(node, total_tokens)
+    return builder, {ids[i]: output for i, output in outputs.items() if i in ids}
+
+
+class Pacing:
+    """How many trees to draft ahead per step: as many as the draft grows in the time of
+    one verification (moving averages of both), 1 to max_guesses; 1 until timed."""
+
+    def __init__(self, max_guesses: int, weight: float = 0.2) -> None:
+        self.max_guesses, self.weight = max_guesses, weight
+        self.tree_seconds: float | None = None
+        self.verify_seconds: float | None = None
+
+    @property
+    def guesses(self) -> int:
+        if self.tree_seconds is None or self.verify_seconds is None:
+            return 1
+        fit = int(self.verify_seconds / max(self.tree_seconds, 1e-6))
+        return max(1, min(fit, self.max_guesses))
+
+    def observe(self, report: AheadReport, verified: tuple[float, float] | None) -> None:
+        if report.trees:
+            self.tree_seconds = self._average(self.tree_seconds,
+                                              (report.hidden + report.exposed) / report.trees)
+        if verified is not None:
+            self.verify_seconds = self._average(self.verify_seconds, verified[1] - verified[0])
+
+    def _average(self, value: float | None, observed: float) -> float:
+        return observed if value is None else value + self.weight * (observed - value)
+
+
 class DraftWorker:
     """The one thread that does a pipelined draft's device work, in order."""
 

@@ -19,9 +19,11 @@ from server.speculation.draft_ahead import (
     AheadReport,
     DraftWorker,
     Grown,
+    Pacing,
     Predraft,
     likely_outcomes,
     settle_predrafts,
+    tree_below_bonus,
 )
 from server.speculation.tree import DraftTree, TreeBuilder
 
@@ -76,10 +78,7 @@ class DraftProposer:
         self.model = model.eval()
         self.shape = shape
         self.worker = DraftWorker() if pipeline else None
-        self.max_guesses = max_guesses
-        # moving averages: one tree drafted ahead, one verification (seconds)
-        self.ahead_seconds: float | None = None
-        self.verify_seconds: float | None = None
+        self.pacing = Pacing(max_guesses)
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self.use_graph = True  # until a capture fails: then eager growth for every sequence
@@ -256,7 +255,7 @@ class DraftProposer:
         if self.worker is None or state.grown is None or state.launched:
             return False
         guesses = [guess for guess in likely_outcomes(state.grown, tree, self.shape.top_k,
-                                                       self._guesses_per_step)
+                                                       self.pacing.guesses)
                    if state.pending_tokens or guess.tokens]
         if not guesses:
             return False
@@ -287,14 +286,6 @@ class DraftProposer:
         state.grown = None
         return True
 
-    @property
-    def _guesses_per_step(self) -> int:
-        """As many trees as the draft grows while the target verifies (1 until timed)."""
-        if self.ahead_seconds is None or self.verify_seconds is None:
-            return 1
-        fit = int(self.verify_seconds / max(self.ahead_seconds, 1e-6))
-        return max(1, min(fit, self.max_guesses))
-
     def settle(self, state: DraftState, next_tokens: list[int],
                verified: tuple[float, float] | None = None) -> AheadReport:
         """The step's outcome is known: the trees drafted ahead that are still of use are
@@ -303,22 +294,12 @@ class DraftProposer:
         hit, report = settle_predrafts(state.predrafts, list(next_tokens), verified)
         state.predrafts.clear()
         state.hit = hit
-        if report.trees:
-            average = self._average
-            self.ahead_seconds = average(self.ahead_seconds,
-                                         (report.hidden + report.exposed) / report.trees)
-        if verified is not None:
-            self.verify_seconds = self._average(self.verify_seconds, verified[1] - verified[0])
+        self.pacing.observe(report, verified)
         return report
 
-    @staticmethod
-    def _average(value: float | None, observed: float, weight: float = 0.2) -> float:
-        return observed if value is None else value + weight * (observed - value)
-
     def _on_device(self, work) -> None:
-        """Run draft work now. With a worker, on its thread (waiting for it): all of a
-        pipelined draft's device work then comes from one thread, in order — a CUDA graph
-        is never captured while another thread launches work."""
+        """Run draft work now; with a worker, on its thread (waiting for it), so that all
+        device work comes from one thread: no graph capture while another thread launches."""
         if self.worker is None:
             work()
             return
@@ -376,16 +357,9 @@ class DraftProposer:
             ahead, state.ahead = state.ahead, None
             if ahead is None:
                 outputs = state.growth.collect(builder)
-            else:  # drafted ahead: the subtree below the bonus token among its first level
-                grown = TreeBuilder(ahead.path[-1] if ahead.path else -1, shape.top_k,
-                                    shape.total_tokens)
-                outputs = state.growth.replay_into(grown, *(output.numpy() for output
-                                                            in ahead.outputs),
-                                                   levels=ahead.levels)
-                node = next(i for i in range(1, len(grown.tokens))
-                            if grown.parents[i] == 0 and grown.tokens[i] == root_token)
-                builder, ids = grown.subtree(node, shape.total_tokens)
-                outputs = {ids[i]: output for i, output in outputs.items() if i in ids}
+            else:  # drafted ahead
+                builder, outputs = tree_below_bonus(ahead, state.growth, root_token,
+                                                    shape.top_k, shape.total_tokens)
             if self.pipelined:  # what drafting ahead of this tree needs
                 state.grown = Grown.of(builder, outputs)
             state.launched = False
