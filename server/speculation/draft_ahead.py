@@ -1,18 +1,24 @@
-"""Drafting the next tree while the target verifies this one.
+"""Drafting the next trees while the target verifies this one.
 
-A step's tree goes to the target (on the CPU) and, at the same time, the draft grows the
-next tree below the step's likeliest outcome: the accepted path and bonus token the draft
-itself finds most probable. The target's features for that path are not known yet, so the
-draft's own outputs at those nodes (its predictions of them) stand in. When verification
-returns, the pre-drafted tree is used if the target's outcome is the guessed one and
-dropped otherwise; either way the true features then replace the stand-ins (the next
-catch-up writes the same cache slots). Output stays the target's: a tree only proposes.
+A step's tree goes to the target (on the CPU) and, at the same time, the draft grows trees
+for the step's likeliest outcomes. An outcome is where acceptance stops (a verified node
+v) and the bonus token the target then picks. A tree drafted ahead for v runs the guessed
+path through the draft, with the draft's own outputs at those nodes (its predictions of
+the target's features, not known yet) standing in, and grows below v. Its first level
+holds the candidates for the bonus.
 
-The work runs on one thread per draft proposer (`DraftWorker`), so that it overlaps the
-target's decode on any device: a CUDA draft's thread waits for the device there, a CPU
-draft computes there (and competes with the target for the cores: the budget judges whether
-that pays, server/speculation/budget.py). Each run records when it started and ended, so
-the engine can tell the draft time hidden behind verification from the time it waited.
+When verification returns and the accepted path is a guessed one whose first level holds
+the bonus, the subtree below the bonus is the next tree. Otherwise the pre-drafts are
+dropped. Either way the true features then replace the stand-ins, because the next
+catch-up writes the same cache slots. Output stays the target's: a tree only proposes.
+
+All of a pipelined draft's device work runs on one thread (`DraftWorker`), so that it
+overlaps the target's decode on any device. A CUDA draft's thread waits for the device
+there. A CPU draft computes there, and competes with the target for the cores: the
+budget judges whether that pays (server/speculation/budget.py). Each run records when
+it started and ended, so the engine can tell the draft time hidden behind verification
+from the time it waited. `Pacing` drafts as many guesses per step as the draft grows in
+one verification's time.
 """
 
 from __future__ import annotations
