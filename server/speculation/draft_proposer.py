@@ -55,7 +55,7 @@ class DraftState:
     seen_tokens: list[int] = field(default_factory=list)
     seen_features: np.ndarray | None = None  # [≥ len(seen_tokens), H]: row t is f_t
     next_token: int = -1  # verified next (the root): its feature comes with the next commit
-    grown: Grown | None = None  # the last collected tree's draft outputs (for drafting ahead)
+    grown: tuple | None = None  # the last tree's (TreeBuilder, outputs), for drafting ahead
     predrafts: list[Predraft] = field(default_factory=list)  # drafted ahead, until settled
     hit: Predraft | None = None  # the one whose guess came true, until the commit
     ahead: Predraft | None = None  # after the commit: the next tree is in it
@@ -254,9 +254,9 @@ class DraftProposer:
         False where there is no worker, no guess, or no room."""
         if self.worker is None or state.grown is None or state.launched:
             return False
-        guesses = [guess for guess in likely_outcomes(state.grown, tree, self.shape.top_k,
-                                                       self.pacing.guesses)
-                   if state.pending_tokens or guess.tokens]
+        guesses = likely_outcomes(Grown.of(*state.grown), tree, self.shape.top_k,
+                                  self.pacing.guesses)
+        guesses = [guess for guess in guesses if state.pending_tokens or guess.tokens]
         if not guesses:
             return False
         longest = max(len(guess.tokens) for guess in guesses)
@@ -361,7 +361,7 @@ class DraftProposer:
                 builder, outputs = tree_below_bonus(ahead, state.growth, root_token,
                                                     shape.top_k, shape.total_tokens)
             if self.pipelined:  # what drafting ahead of this tree needs
-                state.grown = Grown.of(builder, outputs)
+                state.grown = builder, outputs  # (read only if drafting ahead)
             state.launched = False
         if graft is not None:
             builder.add_chain(*graft)
